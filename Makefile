@@ -1,0 +1,30 @@
+# The README's two commands: `make run` (whole pipeline) and `make test`.
+VENV := .venv
+BIN := $(VENV)/bin
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: venv run test mlflow-ui
+
+venv: $(VENV)/.installed
+
+# Reinstalls only when pyproject.toml changes. torch is pinned first so pip takes the
+# local CPU wheel instead of pulling a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+run: venv
+	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || \
+		{ echo "error: DVC needs a git repository; run 'git init' here first" >&2; exit 1; }
+	@test "$$($(BIN)/dvc config core.analytics 2>/dev/null)" = false || $(BIN)/dvc config core.analytics false
+	$(BIN)/python pipelines/flow.py
+	$(BIN)/dvc metrics show
+
+test: venv
+	$(BIN)/pytest -q
+
+mlflow-ui:
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db

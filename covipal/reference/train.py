@@ -1,0 +1,208 @@
+"""Training recipe of the reference LVLM on the digit world.
+
+1. **Tower warm-up.** The CLIP tower learns, per patch token, what its cell holds (digit
+   or empty, colour, row, column) and, on the [CLS] token, which digits the picture
+   holds (an image-level objective, so [CLS] attention means something, as in CLIP,
+   which keeps [CLS]-based baselines fair). Scenes come from the world generator with
+   the training scan pool.
+2. **Projector + LLM.** The tower is frozen and its features are computed once; the
+   projector and the Llama decoder learn the answer word with a curriculum: training
+   scenes are admitted from the fewest digits to the most over the first
+   ``curriculum_fraction`` of the steps (from scratch on full scenes it stays at chance).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from covipal.config import BaseTraining, DataConfig
+from covipal.reference.processor import ReferenceProcessor
+from covipal.world.scenes import COLOURS, DIGITS, empty_frame, fill, scan_pools
+from covipal.world.render import render_frame
+
+# ---------------------------------------------------------------------------------------
+# 1. tower warm-up
+# ---------------------------------------------------------------------------------------
+
+
+def _warmup_batch(rng, pool, processor: ReferenceProcessor, data: DataConfig, n: int):
+    """n pictures (half images, half packed video frames) with per-cell and per-picture labels."""
+    side = processor.image_px // 8
+    pics, cell_labels, present = [], [], []
+    colours = list(COLOURS)
+    for i in range(n):
+        if i % 2 == 0:
+            frames = [empty_frame(side, side)]
+            fill(rng, frames[0], pool, int(rng.integers(2, side * side // 4)), list(DIGITS))
+        else:
+            frames = [empty_frame(side // 2, side // 2) for _ in range(4)]
+            for f in frames:
+                fill(rng, f, pool, int(rng.integers(0, 4)), list(DIGITS))
+        pics.append(processor.pictures([render_frame(f) for f in frames])[0])
+        labels = np.zeros((side * side, 4), dtype=np.int64)
+        for f_idx, fr in enumerate(frames):
+            for r, row in enumerate(fr):
+                for c, cell in enumerate(row):
+                    t = processor.token_index(f_idx, r, c, len(frames))
+                    labels[t] = (10, 4, t // side, t % side) if cell is None else (
+                        cell.digit, colours.index(cell.colour), t // side, t % side)
+        cell_labels.append(labels)
+        present.append(np.isin(np.arange(10), labels[:, 0]).astype(np.float32))
+    return torch.from_numpy(np.stack(pics)), torch.from_numpy(np.stack(cell_labels)), torch.from_numpy(np.stack(present))
+
+
+def warm_up_tower(model, processor: ReferenceProcessor, data: DataConfig, cfg: BaseTraining, log=print) -> dict:
+    """Train the vision tower on per-cell and [CLS] labels; returns final per-head accuracies."""
+    tower = model.model.vision_tower
+    hidden = tower.config.hidden_size
+    side = processor.image_px // 8
+    heads = nn.ModuleDict({"digit": nn.Linear(hidden, 11), "colour": nn.Linear(hidden, 5),
+                           "row": nn.Linear(hidden, side), "col": nn.Linear(hidden, side),
+                           "present": nn.Linear(hidden, 10)})
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.warmup_lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng([cfg.seed, 1])
+    pool = scan_pools(data.seed)["train"]
+    ce, bce = nn.CrossEntropyLoss(), nn.BCEWithLogitsLoss()
+    acc = {}
+    tower.train()
+    for step in tqdm(range(cfg.warmup_steps), desc="tower warm-up", mininterval=5):
+        pixels, cells, present = _warmup_batch(rng, pool, processor, data, 64)
+        h = tower(pixels, output_hidden_states=True).hidden_states[-1]  # (B, 1 + n_cells, hidden)
+        logits = {k: heads[k](h[:, 1:]) for k in ("digit", "colour", "row", "col")}
+        loss = sum(ce(logits[k].flatten(0, 1), cells[..., i].flatten()) for i, k in enumerate(logits))
+        loss = loss + bce(heads["present"](h[:, 0]), present)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step == cfg.warmup_steps - 1 or step % 100 == 0:
+            acc = {k: (logits[k].argmax(-1) == cells[..., i]).float().mean().item() for i, k in enumerate(logits)}
+            log(f"warm-up step {step}: loss {loss.item():.3f} " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    tower.eval()
+    return {f"warmup_{k}_acc": v for k, v in acc.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# 2. projector + LLM on the training split
+# ---------------------------------------------------------------------------------------
+
+
+class EncodedSplit:
+    """A split with its frozen tower features computed once.
+
+    ``features[i]``: (n_pictures_i, n_tokens, tower_hidden) float16 for row i.
+    """
+
+    def __init__(self, model, processor: ReferenceProcessor, split, batch: int = 256):
+        self.rows = split.remove_columns("images").to_list()
+        self.features: list[torch.Tensor] = []
+        tower = model.model.vision_tower
+        images = split.select_columns(["images"])
+        for start in tqdm(range(0, len(split), batch), desc="tower features", mininterval=5):
+            chunk = images[start:start + batch]["images"]
+            pics = [processor.pictures([np.asarray(im.convert("RGB")) for im in frames]) for frames in chunk]
+            counts = [len(p) for p in pics]
+            with torch.no_grad():
+                h = tower(torch.from_numpy(np.concatenate(pics)), output_hidden_states=True).hidden_states[-1][:, 1:]
+            self.features.extend(h.to(torch.float16).split(counts))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def batch_inputs(model, processor: ReferenceProcessor, data: EncodedSplit, idx, with_answers: bool, padding_side: str):
+    """Model inputs for rows ``idx`` with the cached tower features in place of pixels."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    rows = [data.rows[i] for i in idx]
+    text = processor.text_inputs([r["question"] for r in rows], [len(data.features[i]) for i in idx],
+                                 [r["answer"] for r in rows] if with_answers else None, padding_side)
+    feats = torch.cat([data.features[i] for i in idx]).float()
+    projected = model.model.multi_modal_projector(feats)
+    text["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
+    return text
+
+
+def _difficulty(rows: list[dict], data: DataConfig) -> np.ndarray:
+    """Per row, 0 (fewest digits) .. 1 (most), relative to its modality's training range."""
+    out = np.zeros(len(rows))
+    for i, r in enumerate(rows):
+        w = data.video if r["modality"] == "video" else data.image
+        out[i] = (r["digits"] - w.min_train_digits) / max(w.digits - w.min_train_digits, 1)
+    return out
+
+
+def train_llm(model, processor: ReferenceProcessor, train: EncodedSplit, val: EncodedSplit, data: DataConfig,
+              cfg: BaseTraining, log=print) -> list[dict]:
+    """Train projector + decoder on answer words; returns the validation history."""
+    model.model.vision_tower.requires_grad_(False)
+    params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = min(100, cfg.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(warm, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))))
+    difficulty = _difficulty(train.rows, data)
+    rng = np.random.default_rng([cfg.seed, 2])
+    history = []
+    model.train()
+    t0 = time.time()
+    for step in tqdm(range(cfg.steps), desc="reference LVLM", mininterval=5):
+        level = min(1.0, step / max(cfg.curriculum_fraction * cfg.steps, 1))
+        allowed = np.flatnonzero(difficulty <= level + 1e-9)
+        idx = rng.choice(allowed, size=cfg.batch_size, replace=len(allowed) < cfg.batch_size)
+        loss = model(**batch_inputs(model, processor, train, idx, True, "right")).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % max(cfg.steps // 6, 1) == 0 or step + 1 == cfg.steps:
+            acc = accuracy(model, processor, val, cfg.eval_batch_size)
+            history.append({"step": step + 1, "loss": loss.item(), "minutes": (time.time() - t0) / 60, **acc})
+            log(f"step {step + 1}: loss {loss.item():.3f} level {level:.2f} val " +
+                " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+            model.train()
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict(model, processor: ReferenceProcessor, data: EncodedSplit, batch: int) -> list[str]:
+    """Greedy first answer word for every row."""
+    model.eval()
+    out = []
+    for start in range(0, len(data), batch):
+        idx = list(range(start, min(start + batch, len(data))))
+        logits = model(**batch_inputs(model, processor, data, idx, False, "left"), logits_to_keep=1).logits
+        out += processor.tokenizer.convert_ids_to_tokens(logits[:, -1].argmax(-1).tolist())
+    return out
+
+
+def accuracy(model, processor, data: EncodedSplit, batch: int, by_type: bool = False) -> dict:
+    """Answer accuracy per modality (``{"image": 0.93, ...}``); with ``by_type`` a nested
+    ``{"image": {"all": .., "position": .., ...}, "video": {...}}``."""
+    preds = predict(model, processor, data, batch)
+    return score(preds, data.rows, by_type)
+
+
+def score(preds: list[str], rows: list[dict], by_type: bool = False) -> dict:
+    ok = np.array([p == r["answer"] for p, r in zip(preds, rows)])
+    mod = np.array([r["modality"] for r in rows])
+    qtype = np.array([r["question_type"] for r in rows])
+    out = {}
+    for m in ("image", "video"):
+        if not (mod == m).any():
+            continue
+        if not by_type:
+            out[m] = float(ok[mod == m].mean())
+            continue
+        out[m] = {"all": float(ok[mod == m].mean())}
+        for t in sorted(set(qtype[mod == m])):
+            out[m][t] = float(ok[(mod == m) & (qtype == t)].mean())
+    return out

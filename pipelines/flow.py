@@ -1,0 +1,109 @@
+"""Prefect flow that runs the DVC pipeline stage by stage.
+
+Each stage is one ``dvc repro <stage>`` subprocess, so DVC's cache decides what reruns;
+stages run one at a time because parallel ``dvc repro`` calls fight over DVC's lock.
+The flow opens an MLflow run "pipeline" and the stages nest their runs under it.
+
+    python pipelines/flow.py [--stages prepare,train] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# Prefect reads these when it starts its temporary local server; set them before importing it.
+os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+
+from covipal.config import load_params  # noqa: E402
+from covipal.tracking import PARENT_ENV, stage_run, tracking_uri  # noqa: E402
+
+TAIL_LINES = 40
+
+
+def dvc_stages() -> list[str]:
+    """Stage names in the order dvc.yaml lists them."""
+    return list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+
+
+@task(retries=2, retry_delay_seconds=10, task_run_name="dvc repro {stage}")
+def repro(stage: str, force: bool, parent_run_id: str) -> str:
+    """Run ``dvc repro <stage>``, streaming its output; return "ran" or "up to date"."""
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "dvc", "repro", stage]
+    if force:
+        cmd += ["--force", "--single-item"]  # force this stage only, not its upstream
+    # stage commands say `python`: make it this interpreter, whatever PATH the caller had
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, PARENT_ENV: parent_run_id, "DVC_NO_ANALYTICS": "1"}
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    ran = False
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            line = line.rstrip()
+            logger.info(line)
+            tail.append(line)
+            ran = ran or line.startswith(f"Running stage '{stage}'")
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc repro {stage} failed (exit {proc.returncode}); last output:\n"
+                           + "\n".join(tail))
+    return "ran" if ran else "up to date"
+
+
+def read_metrics() -> dict[str, dict]:
+    """Contents of ``metrics/*.json`` by file stem."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted((ROOT / "metrics").glob("*.json"))}
+
+
+def summary(results: dict[str, str], metrics: dict[str, dict]) -> str:
+    lines = ["# covipal pipeline", "", "| stage | result |", "|---|---|"]
+    lines += [f"| {stage} | {result} |" for stage, result in results.items()]
+    for name, values in metrics.items():
+        lines += ["", f"## metrics/{name}.json", "", "```json",
+                  json.dumps(values, indent=2, sort_keys=True), "```"]
+    return "\n".join(lines)
+
+
+@flow(name="covipal-pipeline")
+def pipeline(stages: list[str] | None = None, force: bool = False) -> dict[str, str]:
+    """Reproduce ``stages`` (all of dvc.yaml when None) in pipeline order, one at a time."""
+    known = dvc_stages()
+    unknown = sorted(set(stages or []) - set(known))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml defines {known}")
+    selected = [s for s in known if stages is None or s in stages]
+    tracking = load_params(ROOT / "params.yaml").tracking
+    uri = tracking_uri(tracking.tracking_uri, ROOT)
+    with stage_run("pipeline", {"stages": ",".join(selected), "force": force},
+                   tracking.experiment, uri) as run:
+        results = {stage: repro(stage, force, run.run_id) for stage in selected}
+        metrics = read_metrics()
+        run.metrics(metrics)
+    create_markdown_artifact(summary(results, metrics), key="pipeline-summary",
+                             description="Stages run and their metrics")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", help="comma-separated stage names (default: all, in dvc.yaml order)")
+    parser.add_argument("--force", action="store_true", help="rerun the stages even if DVC finds no change")
+    args = parser.parse_args()
+    pipeline(stages=args.stages.split(",") if args.stages else None, force=args.force)
+
+
+if __name__ == "__main__":
+    main()

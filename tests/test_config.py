@@ -1,0 +1,46 @@
+"""params.yaml errors stop the run with a message naming the key and the fix."""
+
+import pytest
+import yaml
+
+from covipal.config import ConfigError, load_params, parse_params
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params.pruning.reserve_ratio == 0.25
+    assert params.targets.guide_layer < params.model.reference.text_layers
+
+
+@pytest.mark.parametrize("raw, key, fix", [
+    ({"data": {"sizez": {"train": 3}}}, "data.sizez", "remove it"),
+    ({"base": {"steps": "many"}}, "base.steps", "valid integer"),
+    ({"pruning": {"reserve_ratio": 0}}, "pruning.reserve_ratio", "greater than 0"),
+    ({"pruning": {"reserve_ratio": 1.5}}, "pruning.reserve_ratio", "less than or equal to 1"),
+    ({"pruning": {"eval_ratios": [0.5, 2.0]}}, "eval_ratios", "outside (0, 1]"),
+    ({"targets": {"guide_layer": 4}}, "targets.guide_layer", "at most 3"),
+    ({"data": {"source": "./no/such/folder"}}, "data.source", "does not exist"),
+    ({"data": {"image": {"question_types": ["colour", "smell"]}}}, "data.image.question_types", "listed values"),
+    ({"data": {"image": {"digits": 99}}}, "image.digits", "fit in grid"),
+])
+def test_bad_values_name_key_and_fix(raw, key, fix):
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    assert key in str(err.value) and fix in str(err.value)
+
+
+def test_guide_layer_checked_against_a_known_depth():
+    params = parse_params({"model": {"source": "org/some-lvlm"}, "targets": {"guide_layer": 20}})
+    with pytest.raises(ConfigError, match="beyond the model's depth"):
+        params.check(text_layers=16)
+    assert params.check(text_layers=28) is params
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_params(tmp_path / "params.yaml")

@@ -1,0 +1,121 @@
+"""The digit world: deterministic, and every answer right when re-read from the pixels alone."""
+
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from covipal.config import DataConfig
+from covipal.world.dataset import COLUMNS, build_world, make_sample
+from covipal.world.scenes import COLOURS, digit_scans, scan_pools
+
+CFG = DataConfig()
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(CFG, {"train": 150, "validation": 60, "test": 90})
+
+
+@pytest.fixture(scope="module")
+def lookup():
+    """Rendered bytes of every scan in every colour -> (digit, colour, scan)."""
+    scans, labels = digit_scans()
+    table = {}
+    for name, tint in COLOURS.items():
+        px = np.round(scans[..., None] * np.asarray(tint, dtype=np.float32) * 255).astype(np.uint8)
+        for i in range(len(scans)):
+            table[px[i].tobytes()] = (int(labels[i]), name, i)
+    return table
+
+
+def parse(frame: np.ndarray, lookup) -> dict[tuple[int, int], tuple[int, str, int]]:
+    """Read a rendered frame back into {(row, col): (digit, colour, scan)} by exact pixel match."""
+    cells = {}
+    for r in range(frame.shape[0] // 8):
+        for c in range(frame.shape[1] // 8):
+            patch = np.ascontiguousarray(frame[8 * r:8 * r + 8, 8 * c:8 * c + 8])
+            if patch.any():
+                assert patch.tobytes() in lookup, f"cell {(r, c)} is not a tinted scan"
+                cells[(r, c)] = lookup[patch.tobytes()]
+    return cells
+
+
+def solve(question: str, frames: list[dict]) -> tuple[str, set]:
+    """Answer a question from parsed frames, independently of the generator."""
+    words = question.split()
+    where = defaultdict(list)
+    for f, cells in enumerate(frames):
+        for (r, c), (digit, _, _) in cells.items():
+            where[digit].append((f, r, c))
+    if question.startswith("which digit is at row"):
+        r, c = int(words[5]), int(words[7])
+        return str(frames[0][(r, c)][0]), {(0, r, c)}
+    d = int(words[2] if question.startswith("how many") else words[-2])
+    if question.startswith("what colour"):
+        assert len(where[d]) == 1, "a looked-up digit must be unique"
+        f, r, c = where[d][0]
+        return frames[f][(r, c)][1], {(f, r, c)}
+    if question.startswith("is there"):
+        return ("yes" if where[d] else "no"), set(where[d])
+    if question.startswith("how many"):
+        return str(len(where[d])), set(where[d])
+    if question.startswith("in how many frames"):
+        return str(len({f for f, _, _ in where[d]})), set(where[d])
+    if question.startswith("what is right of"):
+        assert len(where[d]) == 1, "a related digit must be unique"
+        f, r, c = where[d][0]
+        return str(frames[f][(r, c + 1)][0]), {(f, r, c), (f, r, c + 1)}
+    raise AssertionError(f"unknown question {question!r}")
+
+
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_answers_and_relevant_cells_match_the_pixels(world, lookup, split):
+    for row in world[split]:
+        frames = [parse(np.asarray(im.convert("RGB")), lookup) for im in row["images"]]
+        answer, relevant = solve(row["question"], frames)
+        assert row["answer"] == answer, row["question"]
+        assert {tuple(t) for t in row["relevant"]} == relevant, row["question"]
+        assert sum(len(f) for f in frames) == row["digits"]
+
+
+def test_held_out_splits_use_unseen_handwriting(world, lookup):
+    train_scans = {int(s) for pool in scan_pools(CFG.seed)["train"].values() for s in pool}
+    for split in ("validation", "test"):
+        for row in world[split]:
+            for im in row["images"]:
+                for _, _, scan in parse(np.asarray(im.convert("RGB")), lookup).values():
+                    assert scan not in train_scans
+
+
+def test_shapes_modalities_and_schema(world):
+    assert set(world) == {"train", "validation", "test"}
+    assert set(COLUMNS) == set(world["train"].column_names)
+    for row in world["test"]:
+        n = len(row["images"])
+        if row["modality"] == "image":
+            assert n == 1 and row["images"][0].size == (64, 64)
+        else:
+            assert n == CFG.video.frames and all(im.size == (32, 32) for im in row["images"])
+    types = set(world["train"]["question_type"])
+    assert types == {"position", "colour", "presence", "count", "relation"}
+
+
+def test_same_seed_same_world_other_seed_other_world():
+    a = make_sample(CFG, "test", 7)
+    b = make_sample(CFG, "test", 7)
+    assert a["question"] == b["question"] and all((x == y).all() for x, y in zip(a["images"], b["images"]))
+    other = DataConfig(seed=1)
+    differs = [make_sample(other, "test", i)["question"] != make_sample(CFG, "test", i)["question"]
+               or not np.array_equal(make_sample(other, "test", i)["images"][0], make_sample(CFG, "test", i)["images"][0])
+               for i in range(5)]
+    assert any(differs)
+
+
+def test_answers_are_balanced(world):
+    by_type = defaultdict(list)
+    for row in world["train"]:
+        by_type[row["question_type"]].append(row["answer"])
+    presence = by_type["presence"]
+    assert 0.25 < presence.count("yes") / len(presence) < 0.75
+    assert set(by_type["count"]) <= {"0", "1", "2", "3"} and len(set(by_type["count"])) >= 3
