@@ -63,6 +63,7 @@ class DataConfig:
     source: str = "digit-world"
     seed: int = 0
     video_share: float = Field(0.4, ge=0.0, le=1.0)  # fraction of samples that are videos
+    train_turns: int = Field(8, ge=1)  # questions per training scene (a multi-turn conversation)
     sizes: Sizes = Field(default_factory=Sizes)
     image: ImageWorld = Field(default_factory=ImageWorld)
     video: VideoWorld = Field(default_factory=VideoWorld)
@@ -112,7 +113,9 @@ class BaseTraining:
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    curriculum_fraction: float = Field(0.5, ge=0, le=1)  # share of steps over which scenes grow to full size
+    curriculum_threshold: float = Field(0.8, gt=0, le=1)  # running train accuracy that admits harder scenes
+    curriculum_increment: float = Field(0.25, gt=0, le=1)  # level step (0 = fewest digits, 1 = most)
+    curriculum_deadline: float = Field(0.85, gt=0, le=1)  # share of steps by which all scenes are admitted
     eval_batch_size: int = Field(128, ge=1)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from covipal.config import DataConfig
-from covipal.world.dataset import COLUMNS, build_world, make_sample
+from covipal.world.dataset import COLUMNS, OPTIONAL_COLUMNS, build_world, make_sample
 from covipal.world.scenes import COLOURS, digit_scans, scan_pools
 
 CFG = DataConfig()
@@ -48,10 +48,11 @@ def solve(question: str, frames: list[dict]) -> tuple[str, set]:
     for f, cells in enumerate(frames):
         for (r, c), (digit, _, _) in cells.items():
             where[digit].append((f, r, c))
-    if question.startswith("which digit is at row"):
-        r, c = int(words[5]), int(words[7])
+    if question.startswith("which digit is at"):
+        name = words[-1]
+        r, c = int(name[1:]) - 1, "abcdefghijklmnop".index(name[0])
         return str(frames[0][(r, c)][0]), {(0, r, c)}
-    d = int(words[2] if question.startswith("how many") else words[-2])
+    d = int(words[-1])
     if question.startswith("what colour"):
         assert len(where[d]) == 1, "a looked-up digit must be unique"
         f, r, c = where[d][0]
@@ -77,6 +78,12 @@ def test_answers_and_relevant_cells_match_the_pixels(world, lookup, split):
         assert row["answer"] == answer, row["question"]
         assert {tuple(t) for t in row["relevant"]} == relevant, row["question"]
         assert sum(len(f) for f in frames) == row["digits"]
+        for turn in row["follow_ups"]:
+            assert solve(turn["question"], frames)[0] == turn["answer"], turn["question"]
+    if split == "train":
+        assert sum(len(r["follow_ups"]) for r in world[split]) > 5 * len(world[split])
+    else:
+        assert not any(r["follow_ups"] for r in world[split])
 
 
 def test_held_out_splits_use_unseen_handwriting(world, lookup):
@@ -90,7 +97,7 @@ def test_held_out_splits_use_unseen_handwriting(world, lookup):
 
 def test_shapes_modalities_and_schema(world):
     assert set(world) == {"train", "validation", "test"}
-    assert set(COLUMNS) == set(world["train"].column_names)
+    assert set(COLUMNS + OPTIONAL_COLUMNS) == set(world["train"].column_names)
     for row in world["test"]:
         n = len(row["images"])
         if row["modality"] == "image":

@@ -17,16 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from covipal.world.questions import ANSWER_WORDS
+from covipal.world.questions import ANSWER_WORDS, CELL_NAMES
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]
-QUESTION_WORDS = ("which digit is at row column ? what colour the there a how many are right of in frames "
-                  "frame video image").split()
+QUESTION_WORDS = "which digit is at what colour the there a how many right of in frames".split()
 PATCH = 8
 
 
 def vocabulary() -> list[str]:
-    words = SPECIALS + [w for w in dict.fromkeys(QUESTION_WORDS + ANSWER_WORDS)]
+    words = SPECIALS + [w for w in dict.fromkeys(QUESTION_WORDS + ANSWER_WORDS + CELL_NAMES)]
     return words
 
 
@@ -81,37 +80,40 @@ class ReferenceProcessor:
         return (frame // 4) * self.tokens_per_picture + r * side + c
 
     # --- text -----------------------------------------------------------------------
-    def __call__(self, questions: list[str], frames: list[list[np.ndarray]], answers: list[str] | None = None,
-                 padding_side: str = "left") -> dict[str, torch.Tensor]:
-        """Batch -> ``input_ids``, ``attention_mask``, ``pixel_values`` and, given answers, ``labels``
-        (only the answer word is supervised)."""
+    def __call__(self, questions: list[str], frames: list[list[np.ndarray]], padding_side: str = "left") -> dict:
+        """Prompts plus pictures -> ``input_ids``, ``attention_mask``, ``pixel_values``."""
         pics = [self.pictures(f) for f in frames]
-        out = self.text_inputs(questions, [len(p) for p in pics], answers, padding_side)
+        out = self.text_inputs(questions, [len(p) for p in pics], padding_side)
         out["pixel_values"] = torch.from_numpy(np.concatenate(pics))
         return out
 
-    def text_inputs(self, questions: list[str], n_pictures: list[int], answers: list[str] | None = None,
-                    padding_side: str = "left") -> dict[str, torch.Tensor]:
-        """The text half of :meth:`__call__`, for callers that bring their own vision features."""
+    def text_inputs(self, questions: list[str], n_pictures: list[int], padding_side: str = "left") -> dict:
+        """Prompts (no answers) for callers that bring their own vision features."""
         texts = [" ".join(["<s>"] + ["<image>"] * (n * self.tokens_per_picture) + [q])
                  for q, n in zip(questions, n_pictures)]
-        if answers is not None:
-            texts = [f"{t} {a}" for t, a in zip(texts, answers)]
         self.tokenizer.padding_side = padding_side
         ids = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)["input_ids"]
-        mask = (ids != self.tokenizer.pad_token_id).long()
-        out = {"input_ids": ids, "attention_mask": mask}
-        if answers is not None:
-            out["labels"] = self._answer_labels(ids, mask)
-        return out
+        return {"input_ids": ids, "attention_mask": (ids != self.tokenizer.pad_token_id).long()}
 
-    def _answer_labels(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Supervise the last real token (the answer); everything else is -100."""
-        labels = torch.full_like(ids, -100)
-        last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
-        rows = torch.arange(len(ids))
-        labels[rows, last] = ids[rows, last]
-        return labels
+    def conversation_inputs(self, conversations: list[list[tuple[str, str]]], n_pictures: list[int]) -> dict:
+        """Training batch, right-padded: ``<s> <image>.. q1 a1 q2 a2 ..`` with every answer word
+        supervised in ``labels`` (-100 elsewhere)."""
+        tok = self.tokenizer
+        rows, targets = [], []
+        for turns, n in zip(conversations, n_pictures):
+            ids = [tok.bos_token_id] + [self.image_token_id] * (n * self.tokens_per_picture)
+            labels = [-100] * len(ids)
+            for question, answer in turns:
+                q = tok(question, add_special_tokens=False)["input_ids"]
+                a = tok.convert_tokens_to_ids(answer)
+                ids += q + [a]
+                labels += [-100] * len(q) + [a]
+            rows.append(ids)
+            targets.append(labels)
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+        labels = torch.tensor([t + [-100] * (width - len(t)) for t in targets])
+        return {"input_ids": ids, "attention_mask": (ids != tok.pad_token_id).long(), "labels": labels}
 
     def decode_answers(self, token_ids: torch.Tensor) -> list[str]:
         """First generated token of each row -> answer word."""

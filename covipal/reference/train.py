@@ -1,14 +1,15 @@
 """Training recipe of the reference LVLM on the digit world.
 
 1. **Tower warm-up.** The CLIP tower learns, per patch token, what its cell holds (digit
-   or empty, colour, row, column) and, on the [CLS] token, which digits the picture
+   or empty, colour, row, column, and the digit to its right, context a CLIP feature
+   carries) and, on the [CLS] token, which digits the picture
    holds (an image-level objective, so [CLS] attention means something, as in CLIP,
    which keeps [CLS]-based baselines fair). Scenes come from the world generator with
    the training scan pool.
 2. **Projector + LLM.** The tower is frozen and its features are computed once; the
-   projector and the Llama decoder learn the answer word with a curriculum: training
-   scenes are admitted from the fewest digits to the most over the first
-   ``curriculum_fraction`` of the steps (from scratch on full scenes it stays at chance).
+   projector and the Llama decoder learn the answer words of multi-turn conversations
+   about each training scene, with a :class:`Curriculum` that admits scenes with more
+   digits as the model masters fewer (from scratch on full scenes it stays at chance).
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ def _warmup_batch(rng, pool, processor: ReferenceProcessor, data: DataConfig, n:
             for f in frames:
                 fill(rng, f, pool, int(rng.integers(0, 4)), list(DIGITS))
         pics.append(processor.pictures([render_frame(f) for f in frames])[0])
-        labels = np.zeros((side * side, 4), dtype=np.int64)
+        labels = np.zeros((side * side, 5), dtype=np.int64)
         for f_idx, fr in enumerate(frames):
             for r, row in enumerate(fr):
                 for c, cell in enumerate(row):
                     t = processor.token_index(f_idx, r, c, len(frames))
-                    labels[t] = (10, 4, t // side, t % side) if cell is None else (
-                        cell.digit, colours.index(cell.colour), t // side, t % side)
+                    right = row[c + 1] if c + 1 < len(row) else None
+                    labels[t] = (10 if cell is None else cell.digit, 4 if cell is None else colours.index(cell.colour),
+                                 t // side, t % side, 10 if right is None else right.digit)
         cell_labels.append(labels)
         present.append(np.isin(np.arange(10), labels[:, 0]).astype(np.float32))
     return torch.from_numpy(np.stack(pics)), torch.from_numpy(np.stack(cell_labels)), torch.from_numpy(np.stack(present))
@@ -64,7 +66,7 @@ def warm_up_tower(model, processor: ReferenceProcessor, data: DataConfig, cfg: B
     side = processor.image_px // 8
     heads = nn.ModuleDict({"digit": nn.Linear(hidden, 11), "colour": nn.Linear(hidden, 5),
                            "row": nn.Linear(hidden, side), "col": nn.Linear(hidden, side),
-                           "present": nn.Linear(hidden, 10)})
+                           "right": nn.Linear(hidden, 11), "present": nn.Linear(hidden, 10)})
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.warmup_lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng([cfg.seed, 1])
@@ -75,7 +77,7 @@ def warm_up_tower(model, processor: ReferenceProcessor, data: DataConfig, cfg: B
     for step in tqdm(range(cfg.warmup_steps), desc="tower warm-up", mininterval=5):
         pixels, cells, present = _warmup_batch(rng, pool, processor, data, 64)
         h = tower(pixels, output_hidden_states=True).hidden_states[-1]  # (B, 1 + n_cells, hidden)
-        logits = {k: heads[k](h[:, 1:]) for k in ("digit", "colour", "row", "col")}
+        logits = {k: heads[k](h[:, 1:]) for k in ("digit", "colour", "row", "col", "right")}
         loss = sum(ce(logits[k].flatten(0, 1), cells[..., i].flatten()) for i, k in enumerate(logits))
         loss = loss + bce(heads["present"](h[:, 0]), present)
         opt.zero_grad()
@@ -116,17 +118,24 @@ class EncodedSplit:
         return len(self.rows)
 
 
-def batch_inputs(model, processor: ReferenceProcessor, data: EncodedSplit, idx, with_answers: bool, padding_side: str):
-    """Model inputs for rows ``idx`` with the cached tower features in place of pixels."""
+def batch_inputs(model, processor: ReferenceProcessor, data: EncodedSplit, idx, train: bool):
+    """Model inputs for rows ``idx`` with the cached tower features in place of pixels.
+
+    ``train``: the row's question plus its follow-ups as one conversation, answers supervised
+    (right-padded); otherwise the question alone as a prompt (left-padded)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     rows = [data.rows[i] for i in idx]
-    text = processor.text_inputs([r["question"] for r in rows], [len(data.features[i]) for i in idx],
-                                 [r["answer"] for r in rows] if with_answers else None, padding_side)
-    feats = torch.cat([data.features[i] for i in idx]).float()
-    projected = model.model.multi_modal_projector(feats)
-    text["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
-    return text
+    n_pictures = [len(data.features[i]) for i in idx]
+    if train:
+        turns = [[(r["question"], r["answer"])] + [(t["question"], t["answer"]) for t in r.get("follow_ups") or []]
+                 for r in rows]
+        inputs = processor.conversation_inputs(turns, n_pictures)
+    else:
+        inputs = processor.text_inputs([r["question"] for r in rows], n_pictures)
+    projected = model.model.multi_modal_projector(torch.cat([data.features[i] for i in idx]).float())
+    inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
+    return inputs
 
 
 def _difficulty(rows: list[dict], data: DataConfig) -> np.ndarray:
@@ -136,6 +145,37 @@ def _difficulty(rows: list[dict], data: DataConfig) -> np.ndarray:
         w = data.video if r["modality"] == "video" else data.image
         out[i] = (r["digits"] - w.min_train_digits) / max(w.digits - w.min_train_digits, 1)
     return out
+
+
+class Curriculum:
+    """Admit harder training scenes once the model answers the current ones.
+
+    The level (0 = fewest digits, 1 = most) rises by ``curriculum_increment`` whenever
+    the running training accuracy reaches ``curriculum_threshold``, so the model waits out
+    its plateau on easy scenes; from half of the steps on, it is pushed linearly to reach
+    1 at ``curriculum_deadline`` of the steps, so the model always ends on full scenes.
+    """
+
+    def __init__(self, cfg: BaseTraining):
+        self.cfg, self.adaptive, self.ema = cfg, 0.0, 0.0
+
+    def level(self, step: int) -> float:
+        start, end = 0.5 * self.cfg.curriculum_deadline, self.cfg.curriculum_deadline
+        forced = (step / self.cfg.steps - start) / max(end - start, 1e-9)
+        return float(np.clip(max(self.adaptive, forced), 0.0, 1.0))
+
+    def update(self, batch_accuracy: float) -> None:
+        self.ema = 0.9 * self.ema + 0.1 * batch_accuracy
+        if self.ema >= self.cfg.curriculum_threshold and self.adaptive < 1.0:
+            self.adaptive = min(1.0, self.adaptive + self.cfg.curriculum_increment)
+            self.ema = 0.0  # re-earn the next step on the harder scenes
+
+
+def _answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of supervised answer words predicted right: logits (B, L, V), labels (B, L)."""
+    target = labels[:, 1:]
+    hit = (logits[:, :-1].argmax(-1) == target)[target != -100]
+    return hit.float().mean().item()
 
 
 def train_llm(model, processor: ReferenceProcessor, train: EncodedSplit, val: EncodedSplit, data: DataConfig,
@@ -148,15 +188,24 @@ def train_llm(model, processor: ReferenceProcessor, train: EncodedSplit, val: En
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(warm, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))))
     difficulty = _difficulty(train.rows, data)
+    modalities = np.array([r["modality"] for r in train.rows])
+    share = float((modalities == "video").mean())
+    by_modality = ["video" if (i + 0.5) / 20 < share else "image" for i in range(20)]  # batch rota
+    by_modality = [m for m in by_modality if (modalities == m).any()]
     rng = np.random.default_rng([cfg.seed, 2])
+    curriculum = Curriculum(cfg)
     history = []
     model.train()
     t0 = time.time()
     for step in tqdm(range(cfg.steps), desc="reference LVLM", mininterval=5):
-        level = min(1.0, step / max(cfg.curriculum_fraction * cfg.steps, 1))
-        allowed = np.flatnonzero(difficulty <= level + 1e-9)
+        level = curriculum.level(step)
+        modality = by_modality[step % len(by_modality)]  # one modality per batch: less padding
+        allowed = np.flatnonzero((difficulty <= level + 1e-9) & (modalities == modality))
         idx = rng.choice(allowed, size=cfg.batch_size, replace=len(allowed) < cfg.batch_size)
-        loss = model(**batch_inputs(model, processor, train, idx, True, "right")).loss
+        inputs = batch_inputs(model, processor, train, idx, train=True)
+        out = model(**inputs)
+        loss = out.loss
+        curriculum.update(_answer_accuracy(out.logits, inputs["labels"]))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -165,7 +214,7 @@ def train_llm(model, processor: ReferenceProcessor, train: EncodedSplit, val: En
         if (step + 1) % max(cfg.steps // 6, 1) == 0 or step + 1 == cfg.steps:
             acc = accuracy(model, processor, val, cfg.eval_batch_size)
             history.append({"step": step + 1, "loss": loss.item(), "minutes": (time.time() - t0) / 60, **acc})
-            log(f"step {step + 1}: loss {loss.item():.3f} level {level:.2f} val " +
+            log(f"step {step + 1}: loss {loss.item():.3f} level {level:.2f} train {curriculum.ema:.2f} val " +
                 " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
             model.train()
     model.eval()
@@ -179,7 +228,7 @@ def predict(model, processor: ReferenceProcessor, data: EncodedSplit, batch: int
     out = []
     for start in range(0, len(data), batch):
         idx = list(range(start, min(start + batch, len(data))))
-        logits = model(**batch_inputs(model, processor, data, idx, False, "left"), logits_to_keep=1).logits
+        logits = model(**batch_inputs(model, processor, data, idx, train=False), logits_to_keep=1).logits
         out += processor.tokenizer.convert_ids_to_tokens(logits[:, -1].argmax(-1).tolist())
     return out
 

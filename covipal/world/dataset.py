@@ -10,6 +10,8 @@ Schema (one row per question):
 ``question_type``         ``position``, ``colour``, ``presence``, ``count``, ``relation``
 ``relevant``              ground-truth relevant cells as ``[frame, row, col]`` triples
 ``digits``                how many digits the scene holds (its difficulty)
+``follow_ups``            more ``{question, answer}`` turns about the same scene (training
+                          rows only, ``train_turns - 1`` of them; empty elsewhere)
 ========================  ==========================================================
 
 Cell ``(row, col)`` of a frame is the 8x8 patch at pixels ``[8 row : 8 row + 8, 8 col : 8 col + 8]``,
@@ -25,12 +27,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from covipal.config import ConfigError, DataConfig
-from covipal.world.questions import Shape, sample_question
+from covipal.world.questions import Shape, ask, sample_question
 from covipal.world.render import render_frame
 from covipal.world.scenes import scan_pools
 
 SPLITS = ("train", "validation", "test")
 COLUMNS = ("images", "modality", "question", "answer", "question_type", "relevant", "digits")
+OPTIONAL_COLUMNS = ("follow_ups",)
 _SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 
 
@@ -45,6 +48,7 @@ def features():
         "question_type": Value("string"),
         "relevant": List(List(Value("int32"))),
         "digits": Value("int32"),
+        "follow_ups": List({"question": Value("string"), "answer": Value("string")}),
     })
 
 
@@ -57,7 +61,13 @@ def make_sample(cfg: DataConfig, split: str, index: int, pools=None) -> dict:
     lo = world.min_train_digits if split == "train" else world.digits
     digits = int(rng.integers(lo, world.digits + 1))
     shape = Shape(frames=cfg.video.frames if is_video else 1, rows=world.grid, cols=world.grid, digits=digits)
-    s = sample_question(rng, pools[split], shape, list(world.question_types))
+    types = list(world.question_types)
+    s = sample_question(rng, pools[split], shape, types)
+    follow_ups = []
+    for _ in range(cfg.train_turns - 1 if split == "train" else 0):
+        turn = ask(rng, s.frames, types[int(rng.integers(len(types)))])
+        if turn is not None:
+            follow_ups.append({"question": turn[0], "answer": turn[1]})
     return {
         "images": [render_frame(f) for f in s.frames],
         "modality": "video" if is_video else "image",
@@ -66,6 +76,7 @@ def make_sample(cfg: DataConfig, split: str, index: int, pools=None) -> dict:
         "question_type": s.question_type,
         "relevant": [list(t) for t in s.relevant],
         "digits": digits,
+        "follow_ups": follow_ups,
     }
 
 
