@@ -1,0 +1,215 @@
+"""Tiny random LVLMs of the real transformers classes, one per adapter-table family.
+
+Every pruning property test is parametrised over :data:`FAMILIES`; a family added to
+``covipal.pruning.ADAPTERS`` must get a builder here (``test_every_adapter_is_tested``).
+Also holds the reference computations the tests compare the hooks against; they use
+nothing from covipal except ``n_keep``'s documented rounding, written out again here.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from covipal.pruning import Pruner
+
+FAMILIES = ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
+VIDEO_FAMILIES = {"llava_onevision", "qwen2_vl", "qwen2_5_vl"}
+VOCAB, PAD, BOS, IMAGE, VIDEO, V_START, V_END = 96, 0, 1, 90, 91, 92, 93
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=None, max_position_embeddings=512)
+MROPE = {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0}
+
+
+def _clip(image_size: int) -> dict:
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                image_size=image_size, patch_size=4)
+
+
+@functools.cache
+def tiny_model(family: str):
+    """A seeded tiny model of ``family`` in eval mode (shared: tests must not modify it)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    pinpoints = [[8, 16], [16, 8], [8, 8]]
+    if family == "llava":
+        config = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**_clip(16)), text_config=tf.LlamaConfig(**TEXT),
+                                image_token_id=IMAGE, vision_feature_layer=-1)
+        model = tf.LlavaForConditionalGeneration(config)
+    elif family == "llava_next":
+        config = tf.LlavaNextConfig(vision_config=tf.CLIPVisionConfig(**_clip(8)), text_config=tf.LlamaConfig(**TEXT),
+                                    image_token_index=IMAGE, image_grid_pinpoints=pinpoints, vision_feature_layer=-1)
+        model = tf.LlavaNextForConditionalGeneration(config)
+    elif family == "llava_onevision":
+        config = tf.LlavaOnevisionConfig(vision_config=tf.SiglipVisionConfig(**_clip(8)),
+                                         text_config=tf.Qwen2Config(**TEXT), image_token_index=IMAGE,
+                                         video_token_index=VIDEO, image_grid_pinpoints=pinpoints,
+                                         vision_feature_layer=-1)
+        model = tf.LlavaOnevisionForConditionalGeneration(config)
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        common = dict(depth=1, num_heads=2, patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
+        ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START,
+                   vision_end_token_id=V_END, text_config=dict(TEXT, rope_parameters=MROPE))
+        if family == "qwen2_vl":
+            config = tf.Qwen2VLConfig(vision_config=dict(common, embed_dim=32, hidden_size=32), **ids)
+            model = tf.Qwen2VLForConditionalGeneration(config)
+        else:
+            vision = dict(common, hidden_size=32, out_hidden_size=32, intermediate_size=64, window_size=8,
+                          fullatt_block_indexes=[0])
+            config = tf.Qwen2_5_VLConfig(vision_config=vision, **ids)
+            model = tf.Qwen2_5_VLForConditionalGeneration(config)
+    else:
+        raise KeyError(f"no tiny model for family {family!r}: add one to tests/tiny_lvlms.py")
+    model.generation_config.eos_token_id = None  # random weights: generate a fixed number of tokens
+    model.generation_config.pad_token_id = PAD
+    return model.eval()
+
+
+def _vision_inputs(family: str, n_images: int, n_videos: int, gen: torch.Generator):
+    """Pixel inputs for ``n_images`` images and ``n_videos`` videos, and tokens per image/video."""
+    if n_videos and family not in VIDEO_FAMILIES:
+        raise ValueError(f"{family} takes no video")
+    out, per_image, per_video = {}, 0, 0
+    if family == "llava":
+        out["pixel_values"] = torch.randn(n_images, 3, 16, 16, generator=gen)
+        per_image = 16
+    elif family in ("llava_next", "llava_onevision"):
+        out["pixel_values"] = torch.randn(n_images, 2, 3, 8, 8, generator=gen)  # base + one 8x8 tile
+        out["image_sizes"] = torch.tensor([[8, 8]] * n_images)
+        per_image = 10  # 4 base + 4 tile + 2 row newlines
+        if n_videos:
+            out["pixel_values_videos"] = torch.randn(n_videos, 4, 3, 8, 8, generator=gen)
+            per_video = 5  # 4 frames pooled to 1 token each + newline
+    else:
+        grid = torch.tensor([[1, 8, 8]] * n_images)  # 64 patches -> 16 tokens after the 2x2 merge
+        out["pixel_values"] = torch.randn(64 * n_images, 3 * 2 * 2 * 2, generator=gen)
+        out["image_grid_thw"] = grid
+        per_image = 16
+        if n_videos:
+            out["pixel_values_videos"] = torch.randn(32 * n_videos, 3 * 2 * 2 * 2, generator=gen)
+            out["video_grid_thw"] = torch.tensor([[2, 4, 4]] * n_videos)
+            per_video = 8
+    if not n_images:
+        out = {k: v for k, v in out.items() if "video" in k}
+    return out, per_image, per_video
+
+
+def make_batch(family: str, layout: list[tuple[int, int]], seed: int = 0) -> dict:
+    """Left-padded forward kwargs for samples with ``(n_images, n_videos)`` each.
+
+    Sample ``b`` is ``<s>`` + 3 words + its images (each wrapped in vision start/end
+    tokens for Qwen) + its videos + ``4 + b`` words, so rows differ in length.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n_img, n_vid = sum(i for i, _ in layout), sum(v for _, v in layout)
+    pixels, per_image, per_video = _vision_inputs(family, n_img, n_vid, gen)
+    qwen = family.startswith("qwen")
+    rows, types = [], []
+    for b, (images, videos) in enumerate(layout):
+        words = lambda n: torch.randint(3, IMAGE - 1, (n,), generator=gen).tolist()  # noqa: E731
+        ids, kinds = [BOS] + words(3), [0] * 4
+        for token, count, n, kind in ((IMAGE, per_image, images, 1), (VIDEO, per_video, videos, 2)):
+            for _ in range(n):
+                block = ([V_START] if qwen else []) + [token] * count + ([V_END] if qwen else [])
+                ids += block
+                kinds += [kind if t == token else 0 for t in block]
+        ids += words(4 + b)
+        kinds += [0] * (4 + b)
+        rows.append(ids)
+        types.append(kinds)
+    L = max(map(len, rows))
+    input_ids = torch.tensor([[PAD] * (L - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
+    batch = {"input_ids": input_ids, "attention_mask": mask, **pixels}
+    if qwen:
+        batch["mm_token_type_ids"] = torch.tensor([[0] * (L - len(t)) + t for t in types])
+    return batch
+
+
+@dataclass
+class NormPruner(Pruner):
+    """Test method: a vision token's score is the norm of its LLM-input embedding."""
+
+    def score(self, ctx):
+        return ctx.vision.float().norm(dim=-1)
+
+
+def capture_llm_inputs(model, batch: dict) -> dict:
+    """The keyword inputs the language model receives on an unpruned forward of ``batch``."""
+    seen = {}
+    llm = model.model.language_model
+    handle = llm.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+    return seen
+
+
+def vision_positions(batch: dict) -> list[torch.Tensor]:
+    """Per sample, the prompt indices of its vision tokens."""
+    ids, real = batch["input_ids"], batch["attention_mask"].bool()
+    return [(torch.isin(row, torch.tensor([IMAGE, VIDEO])) & r).nonzero().squeeze(1) for row, r in zip(ids, real)]
+
+
+def reference_kept(family: str, batch: dict, full: dict, ratio: float) -> list[torch.Tensor]:
+    """Per sample, sorted prompt indices of the tokens NormPruner keeps: text + top-k vision."""
+    kept = []
+    for b, vis in enumerate(vision_positions(batch)):
+        real = batch["attention_mask"][b].bool()
+        k = min(len(vis), max(1, math.ceil(ratio * len(vis)))) if len(vis) else 0
+        top = vis[full["inputs_embeds"][b, vis].float().norm(dim=-1).topk(k).indices]
+        text = real.clone()
+        text[vis] = False
+        kept.append(torch.cat([text.nonzero().squeeze(1), top]).sort().values)
+    return kept
+
+
+def reference_generate(model, family: str, full: dict, kept: list[torch.Tensor], n_new: int):
+    """Greedy decoding by hand: pruned prefill from ``full`` LLM inputs, then one token at a time.
+
+    Returns ``(tokens (B, n_new), logits (n_new, B, V))``.
+    """
+    embeds, B = full["inputs_embeds"], len(kept)
+    Lp = max(len(k) for k in kept)
+    x = torch.zeros(B, Lp, embeds.shape[-1])
+    mask = torch.zeros(B, Lp, dtype=torch.long)
+    mrope = family.startswith("qwen")
+    pos = torch.zeros(3, B, Lp, dtype=torch.long) if mrope else torch.zeros(B, Lp, dtype=torch.long)
+    next_pos = torch.zeros(3 if mrope else 1, B, dtype=torch.long)
+    full_pos = full["position_ids"][-3:] if mrope else None
+    for b, k in enumerate(kept):
+        n = len(k)
+        x[b, Lp - n:], mask[b, Lp - n:] = embeds[b, k], 1
+        if mrope:
+            pos[:, b, Lp - n:] = full_pos[:, b, k]
+            next_pos[:, b] = full_pos[:, b, -1] + 1  # left padding: the last column is the last token
+        else:
+            pos[b, Lp - n:] = torch.arange(n)
+            next_pos[:, b] = n
+    tokens, logits = [], []
+    with torch.no_grad():
+        out = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True)
+        for step in range(n_new):
+            logits.append(out.logits[:, -1])
+            tokens.append(out.logits[:, -1].argmax(-1))
+            if step == n_new - 1:
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
+            p = next_pos[..., None] + step  # (R, B, 1)
+            out = model(input_ids=tokens[-1][:, None], cache=out.cache, attention_mask=mask,
+                        position_ids=p if mrope else p[0], use_cache=True)
+    return torch.stack(tokens, dim=1), torch.stack(logits)
+
+
+def all_hooks(model) -> list:
+    """Every forward hook and pre-hook registered on any module of ``model``."""
+    return [(name, kind) for name, m in model.named_modules()
+            for kind in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                         "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+            for _ in getattr(m, kind)]
