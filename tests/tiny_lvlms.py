@@ -130,6 +130,31 @@ def make_batch(family: str, layout: list[tuple[int, int]], seed: int = 0) -> dic
     return batch
 
 
+ROWS = [{"images": i % 3, "seed": i} for i in range(7)]  # data-set rows for row_prompts: 0, 1 or 2 images
+
+
+def row_prompts(family: str, rows: list[dict], calls: list | None = None) -> dict:
+    """Left-padded prompts of data-set rows ``{"images": n, "seed": s}``, each row's content
+    depending on the row alone (not on its batch); appends each row's seed to ``calls``."""
+    singles = [make_batch(family, [(r["images"], 0)], seed=r["seed"]) for r in rows]
+    if calls is not None:
+        calls.extend(r["seed"] for r in rows)
+    L = max(s["input_ids"].shape[1] for s in singles)
+
+    def pad(x, value):
+        return torch.cat([torch.full((1, L - x.shape[1]), value, dtype=x.dtype), x], dim=1)
+
+    out = {"input_ids": torch.cat([pad(s["input_ids"], PAD) for s in singles]),
+           "attention_mask": torch.cat([pad(s["attention_mask"], 0) for s in singles])}
+    if "mm_token_type_ids" in singles[0]:
+        out["mm_token_type_ids"] = torch.cat([pad(s["mm_token_type_ids"], 0) for s in singles])
+    for key in ("pixel_values", "image_sizes", "image_grid_thw"):
+        parts = [s[key] for s in singles if key in s]
+        if parts:
+            out[key] = torch.cat(parts)
+    return out
+
+
 @dataclass
 class NormPruner(Pruner):
     """Test method: a vision token's score is the norm of its LLM-input embedding."""

@@ -1,0 +1,34 @@
+"""Shared fixtures of the training tests."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """A tiny random reference LVLM, its processor, and 6 validation rows of the digit world (2 videos)."""
+    from covipal.config import DataConfig, ReferenceModel
+    from covipal.reference.model import build_reference
+    from covipal.reference.processor import ReferenceProcessor, build_tokenizer
+    from covipal.world.dataset import make_sample
+    from covipal.world.scenes import scan_pools
+
+    cfg = ReferenceModel(vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
+                         text_heads=2, text_intermediate=64)
+    processor = ReferenceProcessor(build_tokenizer(), image_px=64)
+    model = build_reference(cfg, processor.image_px, seed=0).eval()
+    pools = scan_pools(0)
+    rows = [make_sample(DataConfig(), "validation", i, pools) for i in range(6)]
+    return model, processor, rows
+
+
+@pytest.fixture(scope="session")
+def llava_shards(tmp_path_factory):
+    """Target shards of tiny-llava prompts (7 rows, shards of 3): a folder for TargetShards."""
+    from tiny_lvlms import ROWS, row_prompts, tiny_model
+
+    from covipal.training.targets import write_target_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    write_target_shards(tiny_model("llava"), lambda rows: row_prompts("llava", rows), ROWS, out, shard_size=3,
+                        guide_layer=1, batch_size=4, progress=False)
+    return out
