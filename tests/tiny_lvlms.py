@@ -30,30 +30,32 @@ def _clip(image_size: int) -> dict:
 
 
 @functools.cache
-def tiny_model(family: str):
-    """A seeded tiny model of ``family`` in eval mode (shared: tests must not modify it)."""
+def tiny_model(family: str, layers: int = 2):
+    """A seeded tiny model of ``family`` with ``layers`` decoder layers, in eval mode (shared: tests must not
+    modify it)."""
     import transformers as tf
 
     torch.manual_seed(0)
+    text = dict(TEXT, num_hidden_layers=layers)
     pinpoints = [[8, 16], [16, 8], [8, 8]]
     if family == "llava":
-        config = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**_clip(16)), text_config=tf.LlamaConfig(**TEXT),
+        config = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**_clip(16)), text_config=tf.LlamaConfig(**text),
                                 image_token_id=IMAGE, vision_feature_layer=-1)
         model = tf.LlavaForConditionalGeneration(config)
     elif family == "llava_next":
-        config = tf.LlavaNextConfig(vision_config=tf.CLIPVisionConfig(**_clip(8)), text_config=tf.LlamaConfig(**TEXT),
+        config = tf.LlavaNextConfig(vision_config=tf.CLIPVisionConfig(**_clip(8)), text_config=tf.LlamaConfig(**text),
                                     image_token_index=IMAGE, image_grid_pinpoints=pinpoints, vision_feature_layer=-1)
         model = tf.LlavaNextForConditionalGeneration(config)
     elif family == "llava_onevision":
         config = tf.LlavaOnevisionConfig(vision_config=tf.SiglipVisionConfig(**_clip(8)),
-                                         text_config=tf.Qwen2Config(**TEXT), image_token_index=IMAGE,
+                                         text_config=tf.Qwen2Config(**text), image_token_index=IMAGE,
                                          video_token_index=VIDEO, image_grid_pinpoints=pinpoints,
                                          vision_feature_layer=-1)
         model = tf.LlavaOnevisionForConditionalGeneration(config)
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         common = dict(depth=1, num_heads=2, patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
         ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START,
-                   vision_end_token_id=V_END, text_config=dict(TEXT, rope_parameters=MROPE))
+                   vision_end_token_id=V_END, text_config=dict(text, rope_parameters=MROPE))
         if family == "qwen2_vl":
             config = tf.Qwen2VLConfig(vision_config=dict(common, embed_dim=32, hidden_size=32), **ids)
             model = tf.Qwen2VLForConditionalGeneration(config)
@@ -238,3 +240,78 @@ def all_hooks(model) -> list:
             for kind in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
                          "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
             for _ in getattr(m, kind)]
+
+
+def reference_layer_generate(model, batch: dict, stages: list[tuple[int, list[torch.Tensor]]], n_new: int):
+    """Greedy decoding by hand for pruning inside a Llama-style LLM.
+
+    ``stages`` lists ``(layer, kept)``: from decoder ``layer`` on, the LLM sees only the prompt
+    tokens ``kept[b]`` (sorted prompt indices); every token keeps its original position, made as
+    ``generate`` makes them (cumsum of the mask). Runs the decoder layers one by one with
+    hand-made boolean masks. Returns ``(tokens (B, n_new), logits (n_new, B, V))``.
+    """
+    from transformers import DynamicCache
+
+    llm = model.model.language_model
+    embeds = capture_llm_inputs(model, batch)["inputs_embeds"]
+    mask = batch["attention_mask"].bool()
+    B, L = mask.shape
+    pos = (mask.long().cumsum(1) - 1).clamp_min(0)
+
+    def attend(keys_real: torch.Tensor, q: int) -> torch.Tensor:
+        """(B, 1, q, n) bool: causal over the last q of n keys, padding masked, each query sees itself."""
+        n = keys_real.shape[1]
+        i = torch.arange(n - q, n)[:, None]
+        j = torch.arange(n)[None]
+        return (((j <= i)[None] & keys_real[:, None, :]) | (j == i)[None])[:, None]
+
+    layer_mask = {}  # decoder layer -> (B, n) padding mask of the prompt it sees
+    cur_idx, cur_mask = torch.arange(L).expand(B, L), mask
+    stage_at = dict(stages)
+    cache = DynamicCache(config=llm.config)
+    tokens, logits = [], []
+    with torch.no_grad():
+        h = embeds
+        pe = llm.rotary_emb(h, pos)
+        for j, dec in enumerate(llm.layers):
+            if j in stage_at:
+                kept = stage_at[j]
+                Lk = max(len(k) for k in kept)
+                pick = torch.zeros(B, Lk, dtype=torch.long)
+                new_mask = torch.zeros(B, Lk, dtype=torch.bool)
+                for b, k in enumerate(kept):
+                    col = {int(c): n for n, c in enumerate(cur_idx[b]) if cur_mask[b, n]}
+                    pick[b, Lk - len(k):] = torch.tensor([col[int(c)] for c in k], dtype=torch.long)
+                    new_mask[b, Lk - len(k):] = True
+                h = h.gather(1, pick[..., None].expand(-1, -1, h.shape[-1]))
+                pe = tuple(t.expand(B, *t.shape[1:]).gather(1, pick[..., None].expand(-1, -1, t.shape[-1]))
+                           for t in pe)
+                cur_idx, cur_mask = cur_idx.gather(1, pick), new_mask
+            layer_mask[j] = cur_mask
+            h = dec(h, attention_mask=attend(cur_mask, cur_mask.shape[1]), position_embeddings=pe, cache=cache,
+                    use_cache=True)
+        out = model.lm_head(llm.norm(h))[:, -1]
+        next_pos = mask.sum(1)
+        for step in range(n_new):
+            logits.append(out)
+            tokens.append(out.argmax(-1))
+            if step == n_new - 1:
+                break
+            layer_mask = {j: torch.cat([m, torch.ones(B, 1, dtype=torch.bool)], dim=1) for j, m in layer_mask.items()}
+            h = model.get_input_embeddings()(tokens[-1][:, None])
+            pe = llm.rotary_emb(h, (next_pos + step)[:, None])
+            for j, dec in enumerate(llm.layers):
+                h = dec(h, attention_mask=attend(layer_mask[j], 1), position_embeddings=pe, cache=cache,
+                        use_cache=True)
+            out = model.lm_head(llm.norm(h))[:, -1]
+    return torch.stack(tokens, dim=1), torch.stack(logits)
+
+
+def eager_attentions(family: str, batch: dict, layers: int):
+    """Attention maps of every decoder layer of the unpruned tiny model, computed eagerly (B, H, L, L)."""
+    import copy
+
+    model = copy.deepcopy(tiny_model(family, layers=layers))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        return model(**batch, output_attentions=True).attentions

@@ -11,6 +11,16 @@ Inside the ``with`` block the LLM of ``model`` sees each prompt's text tokens an
 ``ceil(r * n_v)`` of its ``n_v`` vision tokens (see :func:`n_keep`); nothing else about
 the model changes, and every hook is removed on exit. How the pruned sequence is built
 and kept consistent while decoding is in :mod:`covipal.pruning.runtime`.
+
+Methods that prune *inside* the LLM (FastV, PyramidDrop, SparseVLM) subclass
+:class:`covipal.pruning.layers.LayerPruner` instead and implement ``score_at``; they share
+this context manager and the budget accounting below.
+
+**Budgets** are counted two ways in the literature, and every method reports both
+(:meth:`Pruner.budget` for a planned prompt, ``run.budget()`` for the last one seen):
+the vision tokens *entering the LLM*, and the vision tokens *averaged over the decoder
+layers* (``sum_l n_l / N``, the "equivalent tokens" of SparseVLM and PyramidDrop
+tables). They are equal for methods that prune before the LLM.
 """
 
 from __future__ import annotations
@@ -50,6 +60,10 @@ class PruningContext:
         Shape (B, L): the prompt.
     model : torch.nn.Module
         The LVLM being pruned.
+    llm_inputs : dict or None
+        The keyword inputs the language model received for this prefill, unpruned
+        (``inputs_embeds``, ``attention_mask``, ``position_ids``...), for methods that run
+        part of the LLM themselves (``oracle``); None outside the pruning runtime.
     """
 
     vision: torch.Tensor
@@ -60,6 +74,7 @@ class PruningContext:
     text_index: torch.Tensor
     input_ids: torch.Tensor
     model: nn.Module
+    llm_inputs: dict | None = None
 
     @property
     def n_vision(self) -> torch.Tensor:
@@ -98,11 +113,40 @@ def select(scores: torch.Tensor, n_valid: torch.Tensor, ratio: float) -> list[to
         One LongTensor per sample, shape (n_keep(n_valid[b], ratio),), sorted ascending so
         the kept tokens stay in their original order. Ties are broken by ``torch.topk``.
     """
-    kept = []
-    for row, n in zip(scores, n_valid.tolist()):
-        k = n_keep(int(n), ratio)
-        kept.append(row[:n].topk(k).indices.sort().values)
-    return kept
+    return top_k(scores, n_valid, [n_keep(int(n), ratio) for n in n_valid.tolist()])
+
+
+def top_k(scores: torch.Tensor, n_valid: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """Per sample, the sorted indices of the ``counts[b]`` highest of its first ``n_valid[b]`` scores."""
+    return [row[:n].topk(min(k, n)).indices.sort().values
+            for row, n, k in zip(scores, n_valid.tolist(), counts)]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Vision tokens one prompt costs the LLM, counted the two ways of the literature.
+
+    Attributes
+    ----------
+    entering : int
+        Vision tokens in the LLM's input (layer 0).
+    layer_average : float
+        Vision tokens present at the input of each decoder layer, averaged over the layers.
+    """
+
+    entering: int
+    layer_average: float
+
+
+def schedule_budget(schedule: list[tuple[int, int]], n_vision: int, n_layers: int) -> Budget:
+    """The :class:`Budget` of a schedule ``[(layer, vision tokens from that layer on), ...]``.
+
+    Layers before the first entry see all ``n_vision`` tokens; entries are sorted by layer.
+    """
+    counts = [n_vision] * n_layers
+    for layer, count in schedule:
+        counts[layer:] = [count] * (n_layers - layer)
+    return Budget(entering=counts[0] if n_layers else n_vision, layer_average=sum(counts) / max(n_layers, 1))
 
 
 @dataclass
@@ -141,14 +185,36 @@ class Pruner:
     def teardown(self, model: nn.Module) -> None:
         """Called on leaving ``with pruner(model)``, after every hook is removed."""
 
+    def attach(self, model: nn.Module, run) -> list:
+        """Extra hooks the method needs (e.g. on the vision tower); their handles are removed on exit."""
+        return []
+
+    def schedule(self, n_vision: int, n_layers: int) -> list[tuple[int, int]]:
+        """``[(layer, count)]``: from decoder ``layer`` on, ``count`` of the ``n_vision`` vision tokens remain.
+
+        Pruning before the LLM is ``[(0, ceil(r * n_vision))]``.
+        """
+        return [(0, n_keep(n_vision, self.reserve_ratio))]
+
+    def budget(self, n_vision: int, n_layers: int) -> Budget:
+        """Vision tokens entering the LLM and averaged over its ``n_layers`` layers, for ``n_vision`` tokens."""
+        return schedule_budget(self.schedule(n_vision, n_layers), n_vision, n_layers)
+
+    def _start(self, model: nn.Module, adapter):
+        """The run object whose hooks carry out this method (pre-LLM pruning here)."""
+        from covipal.pruning.runtime import PruningRun
+
+        return PruningRun(self, model, adapter)
+
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator["PruningRun"]:
         """Prune the vision tokens of every prompt ``model`` processes inside the block.
 
-        Adds a forward pre-hook on the multimodal base model (to read ``input_ids``) and a
+        Adds a forward pre-hook on the multimodal base model (to read ``input_ids``), a
         forward pre-hook and hook on its language model (to prune the prefill and keep
-        decoding consistent); all are removed in a ``finally``. Yields a
-        :class:`~covipal.pruning.runtime.PruningRun` recording what was kept.
+        decoding consistent), pre-hooks on decoder layers for methods pruning inside the
+        LLM, and the method's own (:meth:`attach`); all are removed in a ``finally``.
+        Yields a :class:`~covipal.pruning.runtime.PruningRun` recording what was kept.
         """
         from covipal.pruning.adapters import get_adapter
         from covipal.pruning.runtime import PruningRun
@@ -158,13 +224,12 @@ class Pruner:
         if any(isinstance(getattr(h, "__self__", None), PruningRun) for h in llm._forward_pre_hooks.values()):
             raise RuntimeError(f"a pruner is already attached to {type(model).__name__}; nested pruning is not "
                                "supported, leave the other `with pruner(model)` block first")
-        run = PruningRun(self, model, adapter)
+        run = self._start(model, adapter)
         handles = []
         self.setup(model)
         try:
-            handles.append(base.register_forward_pre_hook(run.read_input_ids, with_kwargs=True))
-            handles.append(llm.register_forward_pre_hook(run.before_llm, with_kwargs=True))
-            handles.append(llm.register_forward_hook(run.after_llm, with_kwargs=True))
+            handles.extend(run.attach(base, llm))
+            handles.extend(self.attach(model, run))
             yield run
         finally:
             for handle in handles:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from covipal.pruning.adapters import Adapter
-from covipal.pruning.base import PruningContext, select
+from covipal.pruning.base import Budget, PruningContext, select
 
 _UNSET = object()  # the base model's pre-hook did not run before this LLM call
 
@@ -79,10 +79,11 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def build_context(embeds: torch.Tensor, real: torch.Tensor, vision: torch.Tensor, input_ids: torch.Tensor,
-                  model: nn.Module) -> PruningContext:
+                  model: nn.Module, llm_inputs: dict | None = None) -> PruningContext:
     """Split the LLM input ``embeds`` (B, L, d) into the packed vision and text parts.
 
-    ``real`` and ``vision`` (B, L) bool mark non-padding and vision tokens.
+    ``real`` and ``vision`` (B, L) bool mark non-padding and vision tokens; ``llm_inputs``
+    are the LLM's keyword inputs, passed on as :attr:`PruningContext.llm_inputs`.
     """
     v_index, v_mask = _pack(vision, left=False)
     t_index, t_mask = _pack(real & ~vision, left=False)
@@ -95,6 +96,7 @@ def build_context(embeds: torch.Tensor, real: torch.Tensor, vision: torch.Tensor
         text_index=t_index.masked_fill(~t_mask, 0),
         input_ids=input_ids,
         model=model,
+        llm_inputs=llm_inputs,
     )
 
 
@@ -121,15 +123,35 @@ class PruningRun:
         self._input_ids = _UNSET
         self._prompt: _PrunedPrompt | None = None
         self._take_cache_from_output = False
+        self._scoring = False  # a pruner runs part of the model itself (oracle): leave those calls alone
+
+    def attach(self, base: nn.Module, llm: nn.Module) -> list:
+        """Register this run's hooks; returns their handles."""
+        return [base.register_forward_pre_hook(self.read_input_ids, with_kwargs=True),
+                llm.register_forward_pre_hook(self.before_llm, with_kwargs=True),
+                llm.register_forward_hook(self.after_llm, with_kwargs=True)]
+
+    def budget(self) -> list[Budget]:
+        """Per sample of the last prompt: vision tokens entering the LLM and averaged over its layers.
+
+        Pruning before the LLM, both are the number of kept vision tokens.
+        """
+        if self.kept_vision is None:
+            raise RuntimeError("no prompt has been pruned yet; call the model inside the `with` block first")
+        return [Budget(entering=len(k), layer_average=float(len(k))) for k in self.kept_vision]
 
     # hooks ---------------------------------------------------------------------------
 
     def read_input_ids(self, module, args, kwargs):
         """Pre-hook on the multimodal base model: remember this call's ``input_ids``."""
+        if self._scoring:
+            return
         self._input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
 
     def before_llm(self, module, args, kwargs):
         """Pre-hook on the language model: prune a prefill, or align a decoding step with it."""
+        if self._scoring:
+            return None
         input_ids, self._input_ids = self._input_ids, _UNSET
         self._take_cache_from_output = False
         embeds = kwargs.get("inputs_embeds")
@@ -155,6 +177,8 @@ class PruningRun:
 
     def after_llm(self, module, args, kwargs, output):
         """Hook on the language model: remember the cache a pruned prefill created."""
+        if self._scoring:
+            return
         if self._take_cache_from_output and self._prompt is not None:
             cache = getattr(output, "cache", None)
             if cache is None:
@@ -181,9 +205,13 @@ class PruningRun:
         self.n_vision = vision.sum(dim=1)
         self.kept_vision = [torch.empty(0, dtype=torch.long, device=real.device) for _ in range(B)]
         if vision.any():
-            ctx = build_context(embeds, real, vision, input_ids, self.model)
-            with torch.no_grad():
-                scores = self.pruner.score(ctx)
+            ctx = build_context(embeds, real, vision, input_ids, self.model, llm_inputs=kwargs)
+            self._scoring = True
+            try:
+                with torch.no_grad():
+                    scores = self.pruner.score(ctx)
+            finally:
+                self._scoring = False
             if tuple(scores.shape) != tuple(ctx.vision_mask.shape):
                 raise ValueError(f"{type(self.pruner).__name__}.score returned shape {tuple(scores.shape)}, "
                                  f"expected (B, n_v) = {tuple(ctx.vision_mask.shape)}")

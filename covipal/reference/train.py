@@ -46,14 +46,17 @@ def _warmup_batch(rng, pool, processor: ReferenceProcessor, data: DataConfig, n:
             for f in frames:
                 fill(rng, f, pool, int(rng.integers(0, 4)), list(DIGITS))
         pics.append(processor.pictures([render_frame(f) for f in frames])[0])
-        labels = np.zeros((side * side, 5), dtype=np.int64)
+        labels = np.zeros((side * side, 7), dtype=np.int64)
         for f_idx, fr in enumerate(frames):
             for r, row in enumerate(fr):
                 for c, cell in enumerate(row):
                     t = processor.token_index(f_idx, r, c, len(frames))
                     right = row[c + 1] if c + 1 < len(row) else None
-                    labels[t] = (10 if cell is None else cell.digit, 4 if cell is None else colours.index(cell.colour),
-                                 t // side, t % side, 10 if right is None else right.digit)
+                    digit = 10 if cell is None else cell.digit
+                    colour = 4 if cell is None else colours.index(cell.colour)
+                    right_digit = 10 if right is None else right.digit
+                    labels[t] = (digit, colour, t // side, t % side, right_digit,
+                                 digit * 5 + colour, digit * 11 + right_digit)
         cell_labels.append(labels)
         present.append(np.isin(np.arange(10), labels[:, 0]).astype(np.float32))
     return torch.from_numpy(np.stack(pics)), torch.from_numpy(np.stack(cell_labels)), torch.from_numpy(np.stack(present))
@@ -66,7 +69,8 @@ def warm_up_tower(model, processor: ReferenceProcessor, data: DataConfig, cfg: B
     side = processor.image_px // 8
     heads = nn.ModuleDict({"digit": nn.Linear(hidden, 11), "colour": nn.Linear(hidden, 5),
                            "row": nn.Linear(hidden, side), "col": nn.Linear(hidden, side),
-                           "right": nn.Linear(hidden, 11), "present": nn.Linear(hidden, 10)})
+                           "right": nn.Linear(hidden, 11), "digit_colour": nn.Linear(hidden, 55),
+                           "digit_right": nn.Linear(hidden, 121), "present": nn.Linear(hidden, 10)})
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.warmup_lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng([cfg.seed, 1])
@@ -77,7 +81,7 @@ def warm_up_tower(model, processor: ReferenceProcessor, data: DataConfig, cfg: B
     for step in tqdm(range(cfg.warmup_steps), desc="tower warm-up", mininterval=5):
         pixels, cells, present = _warmup_batch(rng, pool, processor, data, 64)
         h = tower(pixels, output_hidden_states=True).hidden_states[-1]  # (B, 1 + n_cells, hidden)
-        logits = {k: heads[k](h[:, 1:]) for k in ("digit", "colour", "row", "col", "right")}
+        logits = {k: heads[k](h[:, 1:]) for k in ("digit", "colour", "row", "col", "right", "digit_colour", "digit_right")}
         loss = sum(ce(logits[k].flatten(0, 1), cells[..., i].flatten()) for i, k in enumerate(logits))
         loss = loss + bce(heads["present"](h[:, 0]), present)
         opt.zero_grad()
