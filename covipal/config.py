@@ -10,7 +10,7 @@ section (a guide layer beyond the model's depth) live in :meth:`Params.check`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, model_validator
@@ -83,7 +83,7 @@ class DataConfig:
 class ReferenceModel:
     """Sizes of the reference LVLM (real LLaVA classes: CLIP tower, projector, Llama)."""
 
-    vision_hidden: int = Field(64, ge=8)
+    vision_hidden: int = Field(128, ge=8)
     vision_layers: int = Field(2, ge=1)
     vision_heads: int = Field(4, ge=1)
     text_hidden: int = Field(128, ge=8)
@@ -109,9 +109,9 @@ class BaseTraining:
     seed: int = 0
     warmup_steps: int = Field(300, ge=0)  # vision tower warm-up on per-cell labels
     warmup_lr: float = Field(3e-3, gt=0)
-    steps: int = Field(1800, ge=1)  # projector + LLM steps, tower frozen
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(2e-3, gt=0)
+    steps: int = Field(2400, ge=1)  # projector + LLM steps, tower frozen
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     curriculum_threshold: float = Field(0.8, gt=0, le=1)  # running train accuracy that admits harder scenes
     curriculum_increment: float = Field(0.25, gt=0, le=1)  # level step (0 = fewest digits, 1 = most)
@@ -134,8 +134,142 @@ class PruningConfig:
 
 
 @dataclass(config=STRICT)
+class SplitRows:
+    """Rows used per split: the first ``n`` (rows are drawn independently, so that is a random
+    subset); ``null`` uses the whole split."""
+
+    train: int | None = Field(None, ge=1)
+    validation: int | None = Field(None, ge=1)
+
+
+@dataclass(config=STRICT)
 class TargetsConfig:
+    """Stage-1 targets (``covipal.training.targets.write_target_shards``)."""
+
     guide_layer: int = Field(2, ge=0)  # decoder layer whose attention guides stage 1
+    queries: Literal["after_image", "last", "all"] = "after_image"  # tokens whose attention is averaged
+    shard_size: int = Field(512, ge=1)  # rows per shard (the unit of resume)
+    batch_size: int = Field(16, ge=1)  # rows per LVLM forward
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage of H_v, H_t
+    rows: SplitRows = Field(default_factory=SplitRows)
+
+
+# --- PPM training: each section builds the library's dataclass (``build``), so the library's
+# defaults and checks stay the reference; tests/test_config.py fails if the fields drift apart.
+
+
+@dataclass(config=STRICT)
+class DeepSpeedSection:
+    """The DeepSpeed engine of stages 1 and 2 (builds ``covipal.training.ds.DeepSpeedConfig``),
+    plus how many processes run it. ``stage1.deepspeed`` / ``stage2.deepspeed`` override keys per stage."""
+
+    processes: int = Field(1, ge=1)  # per host: GPUs (`deepspeed --num_gpus`) or gloo processes on a CPU
+    hostfile: str | None = None  # a DeepSpeed hostfile (several hosts, passwordless ssh); relative to the project
+    zero_stage: Literal[1, 2] = 2
+    micro_batch_size: int = Field(16, ge=1)  # per process
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    gradient_clipping: float = Field(1.0, ge=0)  # 0 disables
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU, fp32 on the CPU
+    warmup_steps: int = Field(0, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _betas_in_range(self):
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas {list(self.betas)} must each be in [0, 1)")
+        return self
+
+    def build(self):
+        """The library's ``DeepSpeedConfig`` (without ``processes``/``hostfile``, which pick the launcher)."""
+        from dataclasses import asdict
+
+        from covipal.training.ds import DeepSpeedConfig
+
+        values = asdict(self)
+        return DeepSpeedConfig(**{k: v for k, v in values.items() if k not in LAUNCH_KEYS})
+
+
+LAUNCH_KEYS = ("processes", "hostfile")
+
+
+@dataclass(config=STRICT)
+class PPMShape:
+    """The PPM's shape (``covipal.ppm.PPMConfig``; ``d_model`` comes from the base model)."""
+
+    d_ppm: int = Field(128, ge=1)
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(4, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    mlp_ratio: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.d_ppm % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide d_ppm ({self.d_ppm})")
+        return self
+
+    def build(self, d_model: int):
+        from dataclasses import asdict
+
+        from covipal.ppm import PPMConfig
+
+        return PPMConfig(d_model=d_model, **asdict(self))
+
+
+@dataclass(config=STRICT)
+class Stage1Section:
+    """Stage 1, attention-guided (builds ``covipal.training.stage1.Stage1Config``; its
+    ``reserve_ratio`` is ``pruning.reserve_ratio``)."""
+
+    loss: Literal["mse", "listnet", "rank"] = "mse"
+    normalize: Literal["zscore", "sum"] = "zscore"
+    epochs: int = Field(5, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    ppm: PPMShape = Field(default_factory=PPMShape)
+    deepspeed: dict[str, Any] = Field(default_factory=dict)  # overrides of the deepspeed section
+
+    def build(self, reserve_ratio: float):
+        from covipal.training.stage1 import Stage1Config
+
+        return Stage1Config(loss=self.loss, normalize=self.normalize, reserve_ratio=reserve_ratio,
+                            epochs=self.epochs, eval_batch_size=self.eval_batch_size)
+
+
+@dataclass(config=STRICT)
+class Stage2Section:
+    """Stage 2, end to end (builds ``covipal.training.stage2.Stage2Config``; its
+    ``reserve_ratio`` is ``pruning.reserve_ratio``)."""
+
+    temperature: float = Field(1.0, gt=0)
+    threshold: Literal["topk", "zero"] = "topk"
+    lambda_bin: float = Field(0.5, ge=0)
+    lambda_ratio: float = Field(5.0, ge=0)
+    min_retention: float = Field(1e-6, gt=0, lt=1)
+    epochs: int = Field(1, ge=1)
+    eval_batch_size: int = Field(64, ge=1)  # validation rows per forward
+    rows: SplitRows = Field(default_factory=SplitRows)  # rows trained on / validated on
+    deepspeed: dict[str, Any] = Field(default_factory=dict)  # overrides of the deepspeed section
+
+    def build(self, reserve_ratio: float):
+        from covipal.training.stage2 import Stage2Config
+
+        return Stage2Config(reserve_ratio=reserve_ratio, temperature=self.temperature, threshold=self.threshold,
+                            lambda_bin=self.lambda_bin, lambda_ratio=self.lambda_ratio,
+                            min_retention=self.min_retention, epochs=self.epochs)
+
+
+
+@dataclass(config=STRICT)
+class RegistryConfig:
+    """Publishing the stage-2 PPM (``covipal.registry.register_ppm``)."""
+
+    model_name: str = Field("covipal-ppm", min_length=1)
+    # validation metric (higher is better) that must beat the champion's for the alias to move
+    metric: Literal["hard_accuracy", "soft_accuracy", "stage1_recall", "stage1_spearman"] = "hard_accuracy"
 
 
 @dataclass(config=STRICT)
@@ -151,7 +285,22 @@ class Params:
     base: BaseTraining = Field(default_factory=BaseTraining)
     pruning: PruningConfig = Field(default_factory=PruningConfig)
     targets: TargetsConfig = Field(default_factory=TargetsConfig)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    stage1: Stage1Section = Field(default_factory=Stage1Section)
+    stage2: Stage2Section = Field(default_factory=Stage2Section)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def deepspeed_for(self, stage: Literal["stage1", "stage2"]) -> DeepSpeedSection:
+        """The ``deepspeed`` section with ``<stage>.deepspeed``'s overrides applied (and checked)."""
+        from dataclasses import asdict
+
+        overrides = getattr(self, stage).deepspeed
+        try:
+            return DeepSpeedSection(**{**asdict(self.deepspeed), **overrides})
+        except ValidationError as err:
+            raise ConfigError(f"{stage}.deepspeed overrides the deepspeed section wrongly:\n"
+                              + _describe(err, prefix=f"{stage}.deepspeed.")) from None
 
     def check(self, text_layers: int | None = None, root: Path | None = None) -> "Params":
         """Cross-section checks; ``text_layers`` is the LLM depth when already known."""
@@ -161,6 +310,8 @@ class Params:
             raise ConfigError(
                 f"targets.guide_layer: {self.targets.guide_layer} is beyond the model's depth "
                 f"({depth} decoder layers, numbered 0..{depth - 1}); set it to at most {depth - 1}")
+        for stage in ("stage1", "stage2"):
+            self.deepspeed_for(stage)
         source = self.data.source
         if source != "digit-world" and _looks_local(source):
             path = Path(source) if root is None or Path(source).is_absolute() else root / source
@@ -175,10 +326,10 @@ def _looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or Path(source).suffix != "" or source.count("/") != 1
 
 
-def _describe(err: ValidationError) -> str:
+def _describe(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = prefix + ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "unexpected_keyword_argument" or e["type"] == "extra_forbidden":
             fix = "remove it or check its spelling against covipal/config.py"
         elif e["type"].startswith(("greater", "less")):

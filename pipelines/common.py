@@ -1,8 +1,10 @@
-"""What every DVC stage entry point shares: read params, open the stage's MLflow run."""
+"""What every DVC stage entry point shares: read params, open the stage's MLflow run, publish metrics."""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,20 +14,67 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextmanager
-def stage(name: str, sections: list[str]):
+def stage(name: str, sections: list[str], distributed: bool = False):
     """Parse ``--params``, load and check them, and open the MLflow run of stage ``name``.
 
     Yields ``(params, run)``; ``sections`` are the params.yaml sections logged with the run.
+    ``distributed``: the stage trains with DeepSpeed, and ``deepspeed.processes`` > 1 (or a
+    ``deepspeed.hostfile``) restarts this script under DeepSpeed's launcher
+    (:mod:`covipal.training.launch`); this process then only waits and exits with the
+    launcher's status. Under a launcher, ranks other than 0 get a run that logs nothing.
     """
-    from covipal.tracking import stage_run, tracking_uri
+    from covipal.training.launch import is_main, needs_launcher, relaunch
 
     parser = argparse.ArgumentParser(description=f"covipal stage '{name}'")
     parser.add_argument("--params", default=str(ROOT / "params.yaml"), help="params file (default: params.yaml)")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by `deepspeed` launches
     args = parser.parse_args()
     params: Params = load_params(args.params)
+    if distributed:
+        ds = params.deepspeed_for(name)
+        if needs_launcher(ds.processes, ds.hostfile):
+            hostfile = None if ds.hostfile is None else ROOT / ds.hostfile
+            sys.exit(relaunch(Path(sys.argv[0]).resolve(), ["--params", str(Path(args.params).resolve())],
+                              ds.processes, hostfile, cwd=ROOT))
+    if not is_main():
+        yield params, QuietRun()
+        return
+    from covipal.tracking import stage_run, tracking_uri
+
     logged = {s: _as_dict(getattr(params, s)) for s in sections}
     with stage_run(name, logged, params.tracking.experiment, tracking_uri(params.tracking.tracking_uri, ROOT)) as run:
         yield params, run
+
+
+class QuietRun:
+    """The run of a rank other than 0: logs nothing (rank 0 logs the stage)."""
+
+    def metrics(self, values: dict, step: int | None = None) -> None:
+        pass
+
+    def artifact(self, path) -> None:
+        pass
+
+
+def publish(run, name: str, metrics: dict, history: list[dict] | None = None) -> None:
+    """Write ``metrics/<name>.json`` (and ``plots/<name>_history.csv``) and log them to ``run``; rank 0 only."""
+    from covipal.io import atomic_output, write_json
+    from covipal.training.launch import is_main
+
+    if not is_main():
+        return
+    write_json(ROOT / "metrics" / f"{name}.json", metrics)
+    run.metrics(metrics)
+    run.artifact(ROOT / "metrics" / f"{name}.json")
+    if history is not None:
+        fields = list(dict.fromkeys(k for row in history for k in row))
+        with atomic_output(ROOT / "plots" / f"{name}_history.csv") as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(history)
+        for row in history:
+            run.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row.get("epoch"))
 
 
 def _as_dict(section) -> dict:

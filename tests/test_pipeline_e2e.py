@@ -1,4 +1,4 @@
-"""The prepare and base stages end to end through real DVC, on a tiny configuration."""
+"""Every stage end to end through real DVC (prepare, base, targets, stage1, stage2 + registry), tiny."""
 
 import json
 import os
@@ -16,13 +16,17 @@ TINY = {
     "model": {"reference": {"vision_hidden": 16, "vision_layers": 1, "vision_heads": 2, "text_hidden": 32,
                             "text_layers": 2, "text_heads": 2, "text_intermediate": 64}},
     "base": {"warmup_steps": 2, "steps": 3, "batch_size": 8, "eval_batch_size": 16},
-    "targets": {"guide_layer": 1},
+    "targets": {"guide_layer": 1, "shard_size": 16, "batch_size": 8, "rows": {"train": 24, "validation": 12}},
+    "deepspeed": {"micro_batch_size": 8},
+    "stage1": {"epochs": 2, "eval_batch_size": 16, "ppm": {"d_ppm": 16, "n_layers": 1, "n_heads": 2}},
+    "stage2": {"eval_batch_size": 12, "rows": {"train": 16, "validation": 12}, "deepspeed": {"micro_batch_size": 8}},
 }
+STAGES = ["prepare", "base", "targets", "stage1", "stage2"]
 
 
 def sh(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1"}
+           "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}  # tiny models: threads only contend
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -45,18 +49,60 @@ def project(tmp_path_factory) -> Path:
     return proj
 
 
-def test_repro_runs_both_stages_then_nothing(project):
+def test_repro_runs_every_stage_then_nothing(project):
     first = sh(project, sys.executable, "-m", "dvc", "repro")
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "Running stage 'prepare'" in first.stdout and "Running stage 'base'" in first.stdout
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout, stage
     metrics = json.loads((project / "metrics" / "base.json").read_text())
     for modality in ("image", "video"):
         assert 0.0 <= metrics["test"][modality]["all"] <= 1.0
     assert "position" in metrics["test"]["image"]
     assert (project / "models" / "base" / "config.json").exists()
     assert (project / "mlflow.db").exists()
+
+    targets = json.loads((project / "metrics" / "targets.json").read_text())
+    assert targets["train"]["rows"] == 24 and targets["train"]["shards"] == 2 and targets["validation"]["rows"] == 12
+    stage1 = json.loads((project / "metrics" / "stage1.json").read_text())
+    assert set(stage1["val"]) == {"loss", "recall", "spearman"} and 0 <= stage1["val"]["recall"] <= 1
+    assert (project / "models" / "stage1" / "model.safetensors").exists()
+    assert (project / "checkpoints" / "stage1" / "latest").read_text() == "epoch-0002"
+    assert len((project / "plots" / "stage1_history.csv").read_text().splitlines()) == 3  # header + 2 epochs
+    stage2 = json.loads((project / "metrics" / "stage2.json").read_text())["val"]
+    for key in ("full_accuracy", "soft_accuracy", "hard_accuracy"):
+        assert 0 <= stage2[key] <= 1
+    assert stage2["soft_hard_gap"] == stage2["soft_accuracy"] - stage2["hard_accuracy"]
+    assert (project / "models" / "ppm" / "model.safetensors").exists()
+
+    registered = json.loads((project / "metrics" / "register.json").read_text())
+    assert registered["version"] == 1 and registered["promoted"] and registered["champion"] == 1
+    tags = registry_tags(project, "1")
+    assert tags["guide_layer"] == "1" and tags["reserve_ratio"] == "0.25"
+    assert tags["base_model"].startswith("reference@sha256:") and tags["data_version"].startswith("sha256:")
+    assert tags["data_dvc_md5"] and tags["code_commit"] and tags["promotion"] == "promoted"
+
     again = sh(project, sys.executable, "-m", "dvc", "repro")
     assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
+
+
+def test_forced_stage2_registers_a_challenger_that_ties(project):
+    """A rerun is trained afresh (not resumed from the finished checkpoint), equals the champion, and
+    only becomes challenger."""
+    run = sh(project, sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "stage2")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "starting afresh (finished run)" in run.stdout + run.stderr
+    registered = json.loads((project / "metrics" / "register.json").read_text())
+    assert registered["version"] == 2 and not registered["promoted"] and registered["champion"] == 1
+    assert registered["aliases"] == ["challenger"]
+
+
+def registry_tags(project: Path, version: str) -> dict:
+    code = ("import json, sys; from mlflow import MlflowClient; "
+            f"print(json.dumps(MlflowClient('sqlite:///{project}/mlflow.db')"
+            f".get_model_version('covipal-ppm', '{version}').tags))")
+    out = sh(project, sys.executable, "-c", code)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_bad_params_stop_before_any_work(project):

@@ -1,0 +1,132 @@
+"""Several processes for stages 1 and 2: DeepSpeed's launcher, on GPUs or on the CPU.
+
+``deepspeed.processes: N`` makes a stage entry point start itself again under DeepSpeed's
+launcher (:func:`relaunch`)::
+
+    python -m deepspeed.launcher.runner --num_gpus N --master_port P --no_local_rank pipelines/stage1.py ...
+
+- On a GPU host that is one process per GPU, joined with NCCL (``deepspeed --num_gpus N``).
+- Without CUDA, DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``) takes ``--num_gpus N``
+  as N local "devices" and starts N CPU processes; :func:`covipal.training.ds.initialize`
+  joins them with gloo. Checked with DeepSpeed 0.19 on a 2-core machine. The launcher's
+  ``--bind_cores_to_rank`` needs ``numactl`` (not installed there), so instead each
+  process gets ``OMP_NUM_THREADS = cores // N`` unless it is set already.
+- ``deepspeed.hostfile`` adds ``--hostfile`` (several hosts: passwordless ssh and pdsh,
+  a folder shared by all hosts, ``processes`` per host); not tested here.
+
+Under a launcher already (``LOCAL_RANK`` set: ``deepspeed --hostfile h pipelines/stage1.py``
+or ``torchrun --nproc_per_node 2 pipelines/stage1.py`` by hand) nothing is relaunched.
+Each process trains on its own share of the batches (:class:`RankBatches`); only rank 0
+writes outputs, metrics and MLflow runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterable
+
+
+def rank() -> int:
+    """Global rank of this process (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """Number of processes (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def under_launcher() -> bool:
+    """Whether a launcher (deepspeed, torchrun) started this process."""
+    return "LOCAL_RANK" in os.environ
+
+
+def needs_launcher(processes: int, hostfile: str | None) -> bool:
+    """Whether a stage with these settings must be (re)started under the launcher."""
+    return (processes > 1 or hostfile is not None) and not under_launcher()
+
+
+def launcher_command(script: str | Path, args: list[str], processes: int, hostfile: str | Path | None = None,
+                     master_port: int | None = None) -> list[str]:
+    """The DeepSpeed launcher command line running ``script args`` in ``processes`` processes per host."""
+    from covipal.training.ds import _free_port
+
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes),
+           "--master_port", str(master_port or _free_port()), "--no_local_rank"]
+    if hostfile is not None:
+        cmd += ["--hostfile", str(hostfile)]
+    return cmd + [str(script), *args]
+
+
+def launcher_env(processes: int) -> dict[str, str]:
+    """The environment for the launched processes: the CPU accelerator without CUDA, threads per process."""
+    import torch
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    return env
+
+
+def relaunch(script: str | Path, args: list[str], processes: int, hostfile: str | Path | None = None,
+             cwd: str | Path | None = None) -> int:
+    """Run ``script args`` under the DeepSpeed launcher and return its exit status."""
+    cmd = launcher_command(script, args, processes, hostfile)
+    print(f"starting {processes} process(es) per host: {' '.join(cmd)}", flush=True)
+    return subprocess.run(cmd, env=launcher_env(processes), cwd=cwd).returncode
+
+
+def barrier() -> None:
+    """Wait for every process (joining the process group first if needed); nothing with one process."""
+    if world_size() == 1:
+        return
+    import torch
+
+    from covipal.training.ds import single_process_env
+
+    single_process_env()
+    if not torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    torch.distributed.barrier()
+
+
+class RankBatches:
+    """This rank's share of ``batches``: every ``world``-th batch from ``rank`` on.
+
+    Every rank gets the same number of batches (``len(batches) // world``; the remainder
+    is skipped), so no rank waits for a gradient all-reduce that never comes.
+    """
+
+    def __init__(self, batches: Iterable, rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __len__(self) -> int:
+        return len(self.batches) // self.world
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batches), self.rank, len(self) * self.world, self.world)
+
+
+class ShardsForRank:
+    """:class:`~covipal.training.targets.TargetShards` as ``stage1.train`` reads it, one rank's share per epoch."""
+
+    def __init__(self, shards, rank: int, world: int):
+        self.shards, self.rank, self.world = shards, rank, world
+        self.settings = shards.settings
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def epoch(self, batch_size: int, seed: int, epoch: int) -> RankBatches:
+        return RankBatches(self.shards.epoch(batch_size, seed, epoch), self.rank, self.world)

@@ -1,0 +1,285 @@
+"""The PPM stages of the pipeline: targets, stage 1, stage 2 plus registration, from params to outputs.
+
+Each function is what one DVC stage calls (``pipelines/targets.py``, ``stage1.py``,
+``stage2.py``): it reads the upstream outputs, builds the library's configs from
+:class:`covipal.config.Params` and calls the library.
+
+Resume: DVC deletes a stage's outputs before it reruns it, so the target shards and the
+DeepSpeed checkpoints are ``persist: true`` outputs, and :func:`resumable` decides what a
+new run may reuse. A folder left by an interrupted run of the same inputs (base model,
+data, covipal code and settings, hashed into a key) is resumed; a folder left by a run
+that finished, or by other inputs, is emptied first, since DVC only reruns a finished
+stage when something changed (or it is forced).
+
+With several processes (:mod:`covipal.training.launch`) every rank trains on its own
+share of the data; rank 0 alone prepares the folders, exports the PPM and registers it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from covipal.config import Params
+from covipal.io import write_json
+from covipal.training.launch import ShardsForRank, barrier, is_main, rank, world_size
+
+RESUME_FILE = "resume.json"
+STAGE1_METRICS = "metrics.json"  # stage-1 validation metrics, next to the stage-1 PPM
+SPLITS = ("train", "validation")
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+# --- lineage and resume ----------------------------------------------------------------
+
+
+def content_hash(path: str | Path, pattern: str = "**/*") -> str:
+    """SHA-256 (first 16 hex digits) of the files under ``path`` matching ``pattern``: names and bytes."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.glob(pattern) if p.is_file())
+    for f in files:
+        digest.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def code_version() -> str:
+    """Hash of the covipal package's Python files: a resumed run must run the same code."""
+    return content_hash(PACKAGE, "**/*.py")
+
+
+def dvc_lock_md5(root: str | Path, path: str | Path) -> str | None:
+    """The md5 that ``dvc.lock`` records for output ``path`` (relative to ``root``), if any."""
+    import yaml
+
+    lock = Path(root) / "dvc.lock"
+    if not lock.is_file():
+        return None
+    rel = Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        for out in stage.get("outs", []):
+            if out.get("path") == rel:
+                return out.get("md5")
+    return None
+
+
+def resumable(folder: Path, key: dict, log=print) -> bool:
+    """Make ``folder`` ready for a run with inputs ``key``; whether it holds an interrupted run to resume.
+
+    Keeps the folder only if the run that wrote it had the same ``key`` and did not finish
+    (:func:`mark_complete`); otherwise empties it. Call on one rank only.
+    """
+    key = json.loads(json.dumps(key))  # as the marker will hold it (tuples become lists)
+    marker = folder / RESUME_FILE
+    old = json.loads(marker.read_text()) if marker.is_file() else None
+    resume = old is not None and old.get("key") == key and not old.get("complete")
+    if folder.exists() and not resume:
+        why = "no resume record" if old is None else "other inputs" if old.get("key") != key else "finished run"
+        log(f"{folder}: starting afresh ({why})")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"key": key, "complete": False})
+    return resume
+
+
+def mark_complete(folder: Path) -> None:
+    """Record that the run in ``folder`` finished (a later run starts afresh)."""
+    marker = folder / RESUME_FILE
+    write_json(marker, {**json.loads(marker.read_text()), "complete": True})
+
+
+def _read_key(folder: Path, what: str) -> dict:
+    marker = folder / RESUME_FILE
+    info = json.loads(marker.read_text()) if marker.is_file() else {}
+    if not info.get("complete"):
+        raise FileNotFoundError(f"{folder} holds no finished {what}; run its stage first (dvc repro)")
+    return info["key"]
+
+
+# --- shared glue -------------------------------------------------------------------------
+
+
+def _device():
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _load_base(base_dir: Path):
+    """The frozen base LVLM on this process's device and the inputs maker of its rows."""
+    from covipal.base_model import PRETRAINED_RECORD, load_base
+    from covipal.training.data import ReferenceInputs
+
+    if (base_dir / PRETRAINED_RECORD).exists():
+        raise NotImplementedError(
+            "PPM training turns data-set rows into model inputs with the reference LVLM's processor "
+            "(covipal.training.data.ReferenceInputs); a pretrained model's chat template is not supported yet. "
+            "Set model.source: reference, or add an inputs maker for that family")
+    model, processor = load_base(base_dir)
+    return model.to(_device()).requires_grad_(False).eval(), ReferenceInputs(processor)
+
+
+def _rows(split, n: int | None):
+    """The first ``n`` rows of a ``datasets`` split (all if ``n`` is None or larger)."""
+    return split if n is None or n >= len(split) else split.select(range(n))
+
+
+def base_lineage(base_dir: Path) -> tuple[str, str]:
+    """``(source, revision)`` of the base model: a pretrained id and revision, or ``reference`` and a content hash."""
+    from covipal.base_model import PRETRAINED_RECORD
+
+    record = base_dir / PRETRAINED_RECORD
+    if record.exists():
+        info = json.loads(record.read_text())
+        return info["source"], info["revision"]
+    return "reference", "sha256:" + content_hash(base_dir)
+
+
+# --- the stages ---------------------------------------------------------------------------
+
+
+def make_targets(params: Params, data_dir: Path, base_dir: Path, out_dir: Path, log=print) -> dict:
+    """Stage ``targets``: guide-layer attention targets of the train and validation rows, as shards.
+
+    Writes ``out_dir/train`` and ``out_dir/validation`` (resumable shard by shard).
+    Returns per split the rows, shards written and skipped and mean vision tokens, and the minutes.
+    """
+    import torch
+    from datasets import load_from_disk
+
+    from covipal.training.targets import write_target_shards
+
+    t0 = time.time()
+    cfg = params.targets
+    key = {"base": content_hash(base_dir), "data": content_hash(data_dir), "code": code_version(),
+           "targets": asdict(cfg)}
+    if resumable(out_dir, key, log):
+        log(f"resuming the target shards in {out_dir}")
+    model, inputs = _load_base(base_dir)
+    ds = load_from_disk(str(data_dir))
+    out = {}
+    for split in SPLITS:
+        summary = write_target_shards(model, inputs.prompt, _rows(ds[split], getattr(cfg.rows, split)),
+                                      out_dir / split, cfg.shard_size, guide_layer=cfg.guide_layer,
+                                      queries=cfg.queries, batch_size=cfg.batch_size, dtype=getattr(torch, cfg.dtype))
+        out[split] = {k: summary[k] for k in ("rows", "shards", "written", "skipped", "mean_vision_tokens")}
+    mark_complete(out_dir)
+    return {**out, "minutes": (time.time() - t0) / 60}
+
+
+def run_stage1(params: Params, targets_dir: Path, out_dir: Path, checkpoint_dir: Path, log=print) -> dict:
+    """Stage ``stage1``: train a fresh PPM on the target shards with DeepSpeed; export it to ``out_dir``.
+
+    Returns ``{"history", "val": {loss, recall, spearman}, "world_size", "minutes"}`` (on every rank).
+    """
+    import torch
+
+    from covipal.ppm import PPM
+    from covipal.training import stage1
+    from covipal.training.targets import TargetShards
+
+    t0 = time.time()
+    train, val = TargetShards(targets_dir / "train"), TargetShards(targets_dir / "validation")
+    cfg = params.stage1.build(params.pruning.reserve_ratio)
+    section = params.deepspeed_for("stage1")
+    ds = section.build()
+    world = world_size()
+    if is_main():
+        key = {"targets": _read_key(targets_dir, "targets"), "code": code_version(), "world_size": world,
+               "stage1": {**asdict(cfg), "epochs": None}, "ppm": asdict(params.stage1.ppm),
+               "deepspeed": asdict(ds)}
+        if resumable(checkpoint_dir, key, log):
+            log(f"resuming stage 1 from {checkpoint_dir}")
+    barrier()
+    torch.manual_seed(ds.seed)
+    ppm = PPM(params.stage1.ppm.build(train.d_model))
+    source = train if world == 1 else ShardsForRank(train, rank(), world)
+    result = stage1.train(ppm, source, val if is_main() else None, cfg, ds, checkpoint_dir,
+                          out_dir if is_main() else None, log=log)
+    if is_main():
+        write_json(out_dir / STAGE1_METRICS, result["val"])
+        mark_complete(checkpoint_dir)
+    return {**result, "world_size": world, "minutes": (time.time() - t0) / 60}
+
+
+def run_stage2(params: Params, data_dir: Path, base_dir: Path, stage1_dir: Path, out_dir: Path,
+               checkpoint_dir: Path, root: Path, log=print) -> dict:
+    """Stage ``stage2``: train the stage-1 PPM end to end through the frozen LVLM, export and register it.
+
+    Registration (rank 0, inside the active MLflow run) tags the version with its lineage:
+    base model and revision, guide layer, reserve ratio, data version (content hash of
+    ``data_dir``; ``dvc.lock``'s md5 as ``data_dvc_md5``) and code commit.
+
+    Returns ``{"history", "val", "registry", "world_size", "minutes"}``; ``val`` holds
+    ``full_accuracy`` (unpruned), ``soft_accuracy``, ``hard_accuracy`` (top-k at the
+    reserve ratio), ``soft_hard_gap``, ``pruning_drop`` (full - hard), ``mean_retention``
+    and ``soft_kept``. ``registry`` is empty on ranks other than 0.
+    """
+    import torch
+    from datasets import load_from_disk
+
+    from covipal.ppm import PPM
+    from covipal.training import stage2
+    from covipal.training.data import RowBatches
+
+    t0 = time.time()
+    cfg = params.stage2.build(params.pruning.reserve_ratio)
+    section = params.deepspeed_for("stage2")
+    ds_cfg = section.build()
+    world, data_version = world_size(), content_hash(data_dir)
+    if is_main():
+        key = {"base": content_hash(base_dir), "data": data_version, "stage1": content_hash(stage1_dir),
+               "code": code_version(), "world_size": world, "stage2": {**asdict(params.stage2), "epochs": None},
+               "reserve_ratio": params.pruning.reserve_ratio, "deepspeed": asdict(ds_cfg)}
+        if resumable(checkpoint_dir, key, log):
+            log(f"resuming stage 2 from {checkpoint_dir}")
+    barrier()
+    torch.manual_seed(ds_cfg.seed)
+    model, inputs = _load_base(base_dir)
+    data = load_from_disk(str(data_dir))
+    train = _rows(data["train"], params.stage2.rows.train)
+    if world > 1:  # this rank's rows; the same count on every rank
+        train = train.select(range(rank(), len(train) // world * world, world))
+    val = _rows(data["validation"], params.stage2.rows.validation)
+    result = stage2.train(
+        model, PPM.from_pretrained(stage1_dir),
+        lambda epoch: RowBatches(train, inputs.train, ds_cfg.micro_batch_size, ds_cfg.seed, epoch),
+        (lambda: RowBatches(val, inputs.evaluation, params.stage2.eval_batch_size)) if is_main() else None,
+        cfg, ds_cfg, checkpoint_dir, out_dir if is_main() else None, log=log)
+    out = {**result, "registry": {}, "world_size": world}
+    if not is_main():
+        return {**out, "minutes": (time.time() - t0) / 60}
+    v = result["val"]
+    v.update(soft_hard_gap=v["soft_accuracy"] - v["hard_accuracy"], pruning_drop=v["full_accuracy"] - v["hard_accuracy"])
+    mark_complete(checkpoint_dir)
+    out["registry"] = register(params, out_dir, v, stage1_dir, base_dir, data_dir, data_version, root)
+    return {**out, "minutes": (time.time() - t0) / 60}
+
+
+def register(params: Params, ppm_dir: Path, val: dict, stage1_dir: Path, base_dir: Path, data_dir: Path,
+             data_version: str, root: Path) -> dict:
+    """Register the PPM in ``ppm_dir`` with its lineage; the champion gate decides on ``registry.metric``."""
+    from covipal.registry import code_commit, register_ppm
+
+    stage1_val = json.loads((stage1_dir / STAGE1_METRICS).read_text())
+    metrics = {**val, **{f"stage1_{k}": v for k, v in stage1_val.items()}}
+    source, revision = base_lineage(base_dir)
+    lock_md5 = dvc_lock_md5(root, data_dir)
+    reg = register_ppm(ppm_dir, metrics=metrics, metric=params.registry.metric, base_model=f"{source}@{revision}",
+                       guide_layer=params.targets.guide_layer, reserve_ratio=params.pruning.reserve_ratio,
+                       data_version=f"sha256:{data_version}", commit=code_commit(root), name=params.registry.model_name,
+                       tags={"base_source": source, "base_revision": revision, "targets_queries": params.targets.queries,
+                             **({"data_dvc_md5": lock_md5} if lock_md5 else {})})
+    return {"name": reg.name, "version": int(reg.version), "promoted": reg.promoted, "reason": reg.reason,
+            "champion": int(reg.champion), "model_uri": reg.model_uri, "metric": params.registry.metric,
+            "aliases": ["challenger", "champion"] if reg.promoted else ["challenger"]}
