@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from covipal.pruning.base import Budget, Pruner, schedule_budget, top_k
-from covipal.pruning.runtime import _UNSET, PruningRun, _gather_rows, _pack
+from covipal.pruning.runtime import _UNSET, PruningRun, _gather_rows, _pack, require_input_ids
 
 
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:
@@ -343,9 +343,7 @@ class LayerPruningRun(PruningRun):
             self._prompt = None
             if input_ids is _UNSET:
                 return None
-            if input_ids is None:
-                raise ValueError("pruning needs `input_ids` to find the vision tokens, but the model was called "
-                                 "with `inputs_embeds` only; pass `input_ids` (and pixel values) instead")
+            require_input_ids(input_ids)
             if tuple(input_ids.shape) != (B, q):
                 raise ValueError(f"input_ids {tuple(input_ids.shape)} do not line up with the LLM input {(B, q)}")
             real = mask.bool() if mask is not None else torch.ones(B, q, dtype=torch.bool, device=embeds.device)

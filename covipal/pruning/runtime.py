@@ -44,6 +44,13 @@ from covipal.pruning.base import Budget, PruningContext, select
 _UNSET = object()  # the base model's pre-hook did not run before this LLM call
 
 
+def require_input_ids(input_ids) -> None:
+    """Refuse a prefill that came as ``inputs_embeds`` only: the vision tokens are found by id."""
+    if input_ids is None:
+        raise ValueError("pruning needs `input_ids` to find the vision tokens, but the model was called "
+                         "with `inputs_embeds` only; pass `input_ids` (and pixel values) instead")
+
+
 @dataclass
 class _PrunedPrompt:
     """What decoding needs to know about the last pruned prefill."""
@@ -163,9 +170,7 @@ class PruningRun:
             self._prompt = None
             if input_ids is _UNSET:
                 return None
-            if input_ids is None:
-                raise ValueError("pruning needs `input_ids` to find the vision tokens, but the model was called "
-                                 "with `inputs_embeds` only; pass `input_ids` (and pixel values) instead")
+            require_input_ids(input_ids)
             new_kwargs = self._prune_prompt(kwargs, input_ids, cache)
             return None if new_kwargs is None else (args, new_kwargs)
         if self._prompt is not None and self._prompt.owns(cache):
