@@ -95,7 +95,7 @@ def _decoder_layers(llm: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _rows_attention(attn: nn.Module, args: tuple, kwargs: dict, rows: torch.Tensor) -> torch.Tensor:
+def rows_attention(attn: nn.Module, args: tuple, kwargs: dict, rows: torch.Tensor) -> torch.Tensor:
     """Attention probabilities of query positions ``rows`` (B, n_q) at module ``attn``.
 
     Mirrors the layer's own computation (projections, RoPE, mask, softmax in float32).
@@ -164,7 +164,7 @@ def _capture(model: nn.Module, guide_layer: int, queries: Queries) -> Iterator[d
         n_q = is_query.sum(dim=1)  # (B,)
         rows = torch.argsort((~is_query).int(), dim=1, stable=True)[:, :int(n_q.max())]  # (B, n_q)
         valid = torch.arange(rows.shape[1], device=rows.device)[None] < n_q[:, None]  # (B, n_q)
-        probs = _rows_attention(module, args, kwargs, rows).sum(dim=1)  # (B, n_q, L): summed over heads
+        probs = rows_attention(module, args, kwargs, rows).sum(dim=1)  # (B, n_q, L): summed over heads
         probs = probs.gather(2, ctx.vision_index[:, None, :].expand(-1, rows.shape[1], -1))  # (B, n_q, n_v)
         probs = torch.where(valid[..., None], probs, 0.0)  # padded rows may be NaN (fully masked)
         target = probs.sum(dim=1) / n_q.clamp_min(1)[:, None]
