@@ -445,15 +445,7 @@ class LayerPruningRun(PruningRun):
             self._prompt.masks[j] = f.cur.real if f.cur is not None else None
             f.captured.clear()
             return sub
-        self._scoring = True
-        try:
-            with torch.no_grad():
-                scores = self.pruner.score_at(ctx)
-        finally:
-            self._scoring = False
-        if tuple(scores.shape) != tuple(cols_mask.shape):
-            raise ValueError(f"{type(self.pruner).__name__}.score_at returned shape {tuple(scores.shape)}, "
-                             f"expected (B, n_v) = {tuple(cols_mask.shape)}")
+        scores = self._scores(self.pruner.score_at, ctx, tuple(cols_mask.shape))
         keep = real & ~vision
         chosen = top_k(scores, n_cur, want)
         for b, c in enumerate(chosen):

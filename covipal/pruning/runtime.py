@@ -121,6 +121,19 @@ class PruningRun:
         Shape (B,): vision tokens per sample before pruning.
     """
 
+    def _scores(self, score_fn, ctx: PruningContext, expected: tuple) -> torch.Tensor:
+        """``score_fn(ctx)`` without grad, with the hooks told to ignore the pruner's own forward
+        passes; refuses scores whose shape is not ``expected`` = (B, n_v)."""
+        self._scoring = True
+        try:
+            with torch.no_grad():
+                scores = score_fn(ctx)
+        finally:
+            self._scoring = False
+        if tuple(scores.shape) != expected:
+            raise ValueError(f"{type(self.pruner).__name__}.{score_fn.__name__} returned shape "
+                             f"{tuple(scores.shape)}, expected (B, n_v) = {expected}")
+        return scores
     def __init__(self, pruner, model: nn.Module, adapter: Adapter):
         self.pruner, self.model, self.adapter = pruner, model, adapter
         self.vision_token_ids = torch.tensor(adapter.vision_token_ids(model.config), dtype=torch.long)
@@ -211,15 +224,7 @@ class PruningRun:
         self.kept_vision = [torch.empty(0, dtype=torch.long, device=real.device) for _ in range(B)]
         if vision.any():
             ctx = build_context(embeds, real, vision, input_ids, self.model, llm_inputs=kwargs)
-            self._scoring = True
-            try:
-                with torch.no_grad():
-                    scores = self.pruner.score(ctx)
-            finally:
-                self._scoring = False
-            if tuple(scores.shape) != tuple(ctx.vision_mask.shape):
-                raise ValueError(f"{type(self.pruner).__name__}.score returned shape {tuple(scores.shape)}, "
-                                 f"expected (B, n_v) = {tuple(ctx.vision_mask.shape)}")
+            scores = self._scores(self.pruner.score, ctx, tuple(ctx.vision_mask.shape))
             for b, chosen in enumerate(select(scores, ctx.n_vision, self.pruner.reserve_ratio)):
                 self.kept_vision[b] = ctx.vision_index[b, chosen]
                 keep[b, self.kept_vision[b]] = True
