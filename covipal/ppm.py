@@ -80,12 +80,15 @@ class PPMConfig:
         return cls(**values)
 
 
-def _all_masked_rows_open(pad: torch.Tensor) -> torch.Tensor:
+def _all_masked_rows_open(pad: torch.Tensor) -> torch.Tensor | None:
     """Unmask rows of a key-padding mask that hide every key (softmax over nothing is NaN).
 
-    Such rows belong to queries whose output is discarded or zeroed by the caller.
+    Such rows belong to queries whose output is discarded or zeroed by the caller. A mask
+    hiding nothing becomes None: attention then runs a fused kernel instead of building
+    the (B, heads, n, n) score matrix, which for long videos does not fit in memory.
     """
-    return pad & ~pad.all(dim=-1, keepdim=True)
+    pad = pad & ~pad.all(dim=-1, keepdim=True)
+    return pad if pad.any() else None
 
 
 class PPMBlock(nn.Module):

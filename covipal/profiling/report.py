@@ -1,0 +1,129 @@
+"""Tables, checks, figures and the Markdown report of a profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MIB = 2 ** 20
+
+
+def case_table(result: dict) -> str:
+    """Markdown table, one row per case: times, speedup next to the limit, scorer share, KV bytes, memory."""
+    rows = ["| case | prefill median (s) | spread p25–p75 (s) | speedup | limit | of limit | of limit (min) "
+            "| scorer (ms) | scorer / unpruned prefill | decode (ms/token) | KV cache (MiB) | KV / kept share "
+            "| peak (MiB) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in result["cases"]:
+        t, d = c["prefill_s"], c["decode_s_per_token"]
+        rows.append(
+            f"| {c['label']} | {t['median']:.4f} | {t['p25']:.4f}–{t['p75']:.4f} | {c['speedup']:.3f}x "
+            f"| {c['limit']:.3f}x | {c['fraction_of_limit']:.3f} | {c['fraction_of_limit_min']:.3f} "
+            f"| {1000 * c['scorer_s']:.2f} "
+            f"| {100 * c['scorer_share_of_unpruned_prefill']:.2f}% | {1000 * d['median']:.2f} "
+            f"| {c['kv_cache_bytes'] / MIB:.2f} | {c['kv_ratio']:.4f} / {c['kept_token_share']:.4f} "
+            f"| {c['peak_bytes'] / MIB:.1f} |")
+    return "\n".join(rows)
+
+
+def must_show(result: dict, ratio: float = 0.25, method: str = "covipal", min_fraction: float = 0.9,
+              max_scorer: float = 0.03, max_kv_error: float = 0.01, stat: str = "median") -> dict:
+    """The issue's CPU checks on ``method`` at ``ratio``: speedup >= ``min_fraction`` of the limit, scorer time
+    <= ``max_scorer`` of the unpruned prefill, KV bytes within ``max_kv_error`` of the kept-token share.
+    ``stat``: compare the prefills' medians, or their fastest rounds (``min``)."""
+    found = [c for c in result["cases"] if c["method"] == method and abs(c["reserve_ratio"] - ratio) < 1e-9]
+    if not found:
+        raise ValueError(f"no {method} case at reserve ratio {ratio} in the results; measure it first")
+    c = found[0]
+    suffix = "" if stat == "median" else "_min"
+    speedup, fraction = c["speedup" + suffix], c["fraction_of_limit" + suffix]
+    checks = {
+        "fraction_of_limit": (fraction >= min_fraction,
+                              f"speedup ({stat}s) {speedup:.3f}x = {fraction:.3f} of the limit "
+                              f"{c['limit']:.3f}x (need >= {min_fraction})"),
+        "scorer_overhead": (c["scorer_share_of_unpruned_prefill"] <= max_scorer,
+                            f"PPM {1000 * c['scorer_s']:.1f} ms = {100 * c['scorer_share_of_unpruned_prefill']:.2f}% "
+                            f"of the unpruned prefill (need <= {100 * max_scorer:g}%)"),
+        "kv_bytes": (abs(c["kv_vs_kept_error"]) <= max_kv_error,
+                     f"KV bytes {c['kv_ratio']:.4f} of unpruned vs kept-token share {c['kept_token_share']:.4f}: "
+                     f"error {100 * c['kv_vs_kept_error']:+.2f}% (need within {100 * max_kv_error:g}%)"),
+    }
+    lines = [f"{'PASS' if ok else 'FAIL'}  {method} r={ratio:g}: {text}" for ok, text in checks.values()]
+    return {"all_pass": all(ok for ok, _ in checks.values()), "lines": lines,
+            **{k: ok for k, (ok, _) in checks.items()}}
+
+
+def plot_speedup(result: dict, path: Path) -> None:
+    """Measured prefill speedup against reserve ratio, one line per method, each with its analytic limit dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    methods = sorted({c["method"] for c in result["cases"] if c["method"] != "none"})
+    for i, method in enumerate(methods):
+        rows = sorted((c for c in result["cases"] if c["method"] == method), key=lambda c: c["reserve_ratio"])
+        x = [c["reserve_ratio"] for c in rows]
+        colour = f"C{i}"
+        ax.plot(x, [c["speedup"] for c in rows], "o-", color=colour, label=f"{method} measured")
+        ax.plot(x, [c["limit"] for c in rows], "--", color=colour, label=f"{method} limit (FLOPs)")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("reserve ratio r")
+    ax.set_ylabel("prefill speedup over unpruned")
+    ax.set_title(f"Prefill speedup ({result['device']}, {result['shape']})", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_frames(frames: dict, device: str, path: Path) -> None:
+    """Peak memory against video frames for each case, with the cap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, case in enumerate(frames["cases"]):
+        measured = [p for p in case["points"] if p["peak_bytes"] is not None]
+        ax.plot([p["frames"] for p in measured], [p["peak_bytes"] / MIB for p in measured], "o-", color=f"C{i}",
+                label=f"{case['label']}: {case['largest_fitting_frames']} frames fit")
+        oom = [p["frames"] for p in case["points"] if p["peak_bytes"] is None]
+        if oom:
+            ax.plot(oom, [frames["cap_bytes"] / MIB] * len(oom), "x", color=f"C{i}", markersize=10,
+                    label=f"{case['label']}: out of memory")
+    ax.axhline(frames["cap_bytes"] / MIB, color="red", ls="--", label="memory cap")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("video frames")
+    ax.set_ylabel("peak memory (MiB)")
+    ax.set_title(f"Memory against frames ({device})", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(result: dict, frames: dict | None = None, top_ops: str | None = None) -> str:
+    """The report: which device produced it, the prompt, the case table and the frames that fit."""
+    p = result["prompt"]
+    lines = [f"# Profile: {result['shape']} on {result['device_name']}", "",
+             f"- device: **{result['device']}** ({result['device_name']})"
+             + (f", {result['threads']} torch threads" if result["device"] == "cpu" else ""),
+             f"- model: {result['shape']}, {result['parameters'] / 1e6:.1f}M parameters, {result['dtype']}",
+             f"- prompt: {p['pictures']} picture(s), {p['vision_tokens']} vision + {p['text_tokens']} text tokens; "
+             f"{p['warmup']} warm-up + {p['repeats']} timed rounds, interleaved; {p['decode_tokens']} decoded tokens",
+             "- speedup = unpruned prefill median / pruned prefill median; limit = ratio of analytic FLOPs "
+             "(covipal/profiling/flops.py); scorer = the pruner's `score` call (the PPM for covipal)",
+             "", case_table(result)]
+    if frames is not None:
+        cap = frames["cap_bytes"] / MIB
+        lines += ["", f"## Frames that fit under {cap:.0f} MiB ({frames['cap_rule']})", "",
+                  "| case | largest fitting frames | peak at each length (MiB) |", "|---|---|---|"]
+        for case in frames["cases"]:
+            points = ", ".join(f"{pt['frames']}: " + ("OOM" if pt["peak_bytes"] is None else f"{pt['peak_bytes'] / MIB:.0f}")
+                               for pt in case["points"])
+            lines.append(f"| {case['label']} | {case['largest_fitting_frames']} | {points} |")
+    if top_ops:
+        lines += ["", "## Top operators of one pruned prefill (torch profiler)", "", "```", top_ops, "```"]
+    return "\n".join(lines) + "\n"
