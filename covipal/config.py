@@ -273,6 +273,36 @@ class RegistryConfig:
 
 
 @dataclass(config=STRICT)
+class ProfileConfig:
+    """The ``profile`` stage (``covipal.profiling``): speed and memory of each method against the limit.
+
+    The frames test prunes with ``pruning.method`` at ``pruning.reserve_ratio``."""
+
+    model: str = "base"  # base: models/base; or a shape built with random weights (covipal.profiling.shapes)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when there is a GPU
+    threads: int | None = Field(None, ge=1)  # torch threads on the CPU (null: torch's default)
+    methods: list[str] = Field(default_factory=lambda: ["covipal", "random"], min_length=1)
+    ratios: list[float] = Field(default_factory=lambda: [0.5, 0.25, 0.125], min_length=1)
+    pictures: int = Field(1, ge=1)  # pictures per prompt (a video's frames are packed into pictures)
+    text_tokens: int = Field(64, ge=3)
+    warmup: int = Field(2, ge=0)
+    repeats: int = Field(7, ge=1)  # timed rounds; each times every case once, interleaved
+    decode_tokens: int = Field(8, ge=2)
+    frames: list[int] = Field(default_factory=lambda: [4, 8, 16, 32, 64, 128, 256], min_length=1)
+    memory_cap_gb: float | None = Field(None, gt=0)  # null: 24 GB on a GPU; on the CPU 24 GB scaled by weights
+    trace: bool = True  # keep a torch profiler trace of one pruned prefill
+
+    @model_validator(mode="after")
+    def _in_range(self):
+        bad = [r for r in self.ratios if not 0 < r <= 1]
+        if bad:
+            raise ValueError(f"ratios {bad} are outside (0, 1]; a reserve ratio is the kept share of vision tokens")
+        if any(f < 1 for f in self.frames):
+            raise ValueError(f"frames {self.frames} must be positive frame counts")
+        return self
+
+
+@dataclass(config=STRICT)
 class TrackingConfig:
     experiment: str = "covipal"
     tracking_uri: str = "sqlite:///mlflow.db"  # relative to the project folder; MLFLOW_TRACKING_URI overrides
@@ -289,6 +319,7 @@ class Params:
     stage1: Stage1Section = Field(default_factory=Stage1Section)
     stage2: Stage2Section = Field(default_factory=Stage2Section)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def deepspeed_for(self, stage: Literal["stage1", "stage2"]) -> DeepSpeedSection:

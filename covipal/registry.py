@@ -158,3 +158,24 @@ def register_ppm(ppm_dir: str | Path, *, metrics: dict[str, float], metric: str,
     client.set_model_version_tag(name, version, "promotion_reason", reason)
     return Registration(name=name, version=str(version), model_uri=info.model_uri, run_id=run_id, promoted=promoted,
                         reason=reason, champion=str(version) if promoted else str(champion_version))
+
+
+def attach_files(name: str, version: str, files: list[str | Path], *, tags: dict[str, str] | None = None,
+                 artifact_path: str = "profile", tracking_uri: str | None = None) -> list[str]:
+    """Attach ``files`` (figures, reports) to model version ``version`` of ``name``.
+
+    The files are logged under ``artifact_path`` in the run that produced the version (the
+    registration run, which holds the model), and the version is tagged with ``tags`` plus
+    ``<artifact_path>.artifacts``: the files' artifact URIs, comma-separated. Returns those URIs.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run_id = client.get_model_version(name, version).run_id
+    uris = []
+    for path in map(Path, files):
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+        uris.append(f"runs:/{run_id}/{artifact_path}/{path.name}")
+    for key, value in {**(tags or {}), f"{artifact_path}.artifacts": ",".join(uris)}.items():
+        client.set_model_version_tag(name, version, key, value)
+    return uris

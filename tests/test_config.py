@@ -24,6 +24,9 @@ def test_repository_params_are_valid():
     ({"data": {"source": "./no/such/folder"}}, "data.source", "does not exist"),
     ({"data": {"image": {"question_types": ["colour", "smell"]}}}, "data.image.question_types", "listed values"),
     ({"data": {"image": {"digits": 99}}}, "image.digits", "fit in grid"),
+    ({"profile": {"repeat": 3}}, "profile.repeat", "remove it"),
+    ({"profile": {"ratios": [0.25, 0]}}, "profile", "outside (0, 1]"),
+    ({"profile": {"device": "tpu"}}, "profile.device", "listed values"),
 ])
 def test_bad_values_name_key_and_fix(raw, key, fix):
     with pytest.raises(ConfigError) as err:

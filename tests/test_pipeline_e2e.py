@@ -20,8 +20,9 @@ TINY = {
     "deepspeed": {"micro_batch_size": 8},
     "stage1": {"epochs": 2, "eval_batch_size": 16, "ppm": {"d_ppm": 16, "n_layers": 1, "n_heads": 2}},
     "stage2": {"eval_batch_size": 12, "rows": {"train": 16, "validation": 12}, "deepspeed": {"micro_batch_size": 8}},
+    "profile": {"ratios": [0.25], "warmup": 0, "repeats": 1, "decode_tokens": 2, "frames": [4, 8], "trace": False},
 }
-STAGES = ["prepare", "base", "targets", "stage1", "stage2"]
+STAGES = ["prepare", "base", "targets", "stage1", "stage2", "profile"]
 
 
 def sh(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -80,6 +81,11 @@ def test_repro_runs_every_stage_then_nothing(project):
     assert tags["guide_layer"] == "1" and tags["reserve_ratio"] == "0.25"
     assert tags["base_model"].startswith("reference@sha256:") and tags["data_version"].startswith("sha256:")
     assert tags["data_dvc_md5"] and tags["code_commit"] and tags["promotion"] == "promoted"
+
+    profile = json.loads((project / "metrics" / "profile.json").read_text())
+    assert profile["device"] == "cpu" and set(profile["cases"]) == {"none", "covipal_r0.25", "random_r0.25"}
+    assert (project / "plots" / "profile" / "speedup.png").exists()
+    assert tags["profile.artifacts"].count("runs:/") == 3 and "profile.covipal_r0.25.limit" in tags
 
     again = sh(project, sys.executable, "-m", "dvc", "repro")
     assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout

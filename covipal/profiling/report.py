@@ -110,7 +110,8 @@ def markdown(result: dict, frames: dict | None = None, top_ops: str | None = Non
     lines = [f"# Profile: {result['shape']} on {result['device_name']}", "",
              f"- device: **{result['device']}** ({result['device_name']})"
              + (f", {result['threads']} torch threads" if result["device"] == "cpu" else ""),
-             f"- model: {result['shape']}, {result['parameters'] / 1e6:.1f}M parameters, {result['dtype']}",
+             f"- model: {result['shape']}, {result['parameters'] / 1e6:.1f}M parameters, {result['dtype']}"
+             + (f"; PPM: {result['ppm']}" if result.get("ppm") else ""),
              f"- prompt: {p['pictures']} picture(s), {p['vision_tokens']} vision + {p['text_tokens']} text tokens; "
              f"{p['warmup']} warm-up + {p['repeats']} timed rounds, interleaved; {p['decode_tokens']} decoded tokens",
              "- speedup = unpruned prefill median / pruned prefill median; limit = ratio of analytic FLOPs "

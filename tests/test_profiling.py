@@ -1,0 +1,164 @@
+"""Profiling: the FLOP counter against hand counts and torch's counter, KV bytes, the stage's outputs.
+
+No timing is asserted here: speed claims come from scripts/bench_prefill.py and scripts/bench_gpu.py.
+"""
+
+import json
+
+import pytest
+import torch
+
+from covipal.ppm import PPM, PPMConfig
+from covipal.profiling.bench import Case, profile_methods
+from covipal.profiling.flops import ppm_flops, prefill_flops, speedup_limit
+from covipal.profiling.shapes import build_shape, make_inputs
+
+
+def small_llava():
+    """CLIP: width 8, MLP 16, 1 layer, 8x8 px in 4x4 patches (4 patches + CLS); Llama: width 8, MLP 12, 1 layer,
+    2 heads of 4 with 1 KV head, vocabulary 10."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=8, patch_size=4)
+    text = LlamaConfig(hidden_size=8, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, vocab_size=10)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=9, vision_feature_layer=-1,
+                       vision_feature_select_strategy="default")
+
+
+def test_prefill_flops_match_a_hand_count():
+    config = small_llava()
+    full = prefill_flops(config, n_images=1, n_text=3)
+    # vision: patch conv 2*4*(3*16)*8 = 3072; one layer over 5 tokens: QKVO 2*5*8*32 = 2560,
+    # attention 4*5*5*8 = 800, MLP 2*5*8*16 + 2*5*16*8 = 2560
+    assert full.vision == 3072 + 2560 + 800 + 2560
+    # projector on the 4 patch tokens (CLS dropped): 2*4*8*8 twice
+    assert full.projector == 512 + 512
+    # LLM over 3 + 4 = 7 tokens: Q 2*7*8*8 = 896, K and V 2*7*8*4 each = 896, O 896,
+    # attention over 7*8/2 = 28 causal pairs 4*(2*4)*28 = 896, MLP 3*2*7*8*12 = 4032; LM head on 1 token 2*8*10
+    assert full.llm == 896 + 896 + 896 + 896 + 4032 + 160
+    assert full.ppm == 0 and full.total == 17792
+
+    half = prefill_flops(config, n_images=1, n_text=3, schedule=[(0, 2)])  # 2 of 4 vision tokens kept
+    # LLM over 5 tokens: Q 640, K+V 640, O 640, attention over 15 pairs 480, MLP 2880; LM head 160
+    assert half.llm == 640 + 640 + 640 + 480 + 2880 + 160
+    assert half.vision == full.vision and half.projector == full.projector
+    assert speedup_limit(full, half) == pytest.approx(17792 / (10016 + 5440))
+
+
+def test_ppm_flops_match_a_hand_count():
+    ppm = PPMConfig(d_model=8, d_ppm=4, n_layers=1, n_heads=2, mlp_ratio=2)
+    # inputs 2*4*8*4 + 2*3*8*4 = 448; self-attention QKVO 2*4*4*16 = 512 and scores 4*4*4*4 = 256;
+    # cross-attention Q,O 2*4*4*8 = 256, K,V 2*3*4*8 = 192, scores 4*4*3*4 = 192; MLP 256 + 256;
+    # head 2*4*4*4 + 2*4*4*1 = 160
+    assert ppm_flops(ppm, n_vision=4, n_text=3) == 448 + 512 + 256 + 256 + 192 + 192 + 512 + 160
+    config = small_llava()
+    assert prefill_flops(config, 1, 3, schedule=[(0, 2)], ppm=ppm).ppm == 2528
+
+
+@pytest.mark.parametrize("method", [None, "random"])
+def test_prefill_flops_match_torch_counter_with_eager_attention(method):
+    """With eager attention torch's FlopCounterMode sees every matrix product, the full score square included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from covipal.profiling.bench import make_pruner, prefill
+
+    subject = build_shape("tiny-llava")
+    subject.model.set_attn_implementation("eager")
+    try:
+        inputs = make_inputs(subject.config, 2, 10)
+        case = Case() if method is None else Case(method, 0.25)
+        pruner = make_pruner(case)
+        counter = FlopCounterMode(display=False)
+        with torch.inference_mode(), counter:
+            if pruner is None:
+                prefill(subject.model, inputs)
+            else:
+                with pruner(subject.model):
+                    prefill(subject.model, inputs)
+    finally:
+        subject.model.set_attn_implementation("sdpa")
+    schedule = None if pruner is None else pruner.schedule(2 * 16, subject.config.text_config.num_hidden_layers)
+    expected = prefill_flops(subject.config, 2, 10, schedule=schedule, causal=False)
+    assert counter.get_total_flops() == expected.total
+
+
+@pytest.mark.parametrize("family", ["tiny-llava", "tiny-qwen2-vl"])
+def test_kv_bytes_follow_the_kept_token_share(family):
+    subject = build_shape(family)
+    ppm = PPM(PPMConfig(d_model=subject.config.text_config.hidden_size, d_ppm=16, n_heads=2)).eval()
+    result = profile_methods(subject, [Case("covipal", 0.25), Case("random", 0.5), Case("pyramiddrop", 0.25)],
+                             pictures=2, n_text=12, warmup=0, repeats=1, decode_tokens=2, ppm=ppm, log=lambda *a: None)
+    cases = {c["label"]: c for c in result["cases"]}
+    n_v, n_text = result["prompt"]["vision_tokens"], 12
+    assert cases["none"]["kv_ratio"] == 1.0
+    assert cases["covipal@0.25"]["kept_token_share"] == pytest.approx((n_text + n_v // 4) / (n_text + n_v))
+    for c in result["cases"]:
+        assert c["kv_ratio"] == pytest.approx(c["kept_token_share"], rel=1e-9), c["label"]
+        assert c["peak_bytes"] > 0 and c["decode_s_per_token"]["n"] == 2  # gaps between 3 generated tokens
+    assert cases["pyramiddrop@0.25"]["kept_token_share"] > cases["covipal@0.25"]["kept_token_share"]
+    assert cases["covipal@0.25"]["scorer_s"] > 0 and cases["random@0.5"]["limit"] > 1
+
+
+def test_profile_stage_writes_metrics_plots_and_report(reference, tmp_path):
+    from covipal.config import parse_params
+    from covipal.profiling.stage import run_profile
+
+    model, processor, _ = reference
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    processor.save_pretrained(base)
+    params = parse_params({"profile": {"methods": ["covipal", "random"], "ratios": [0.5, 0.25], "warmup": 0,
+                                       "repeats": 1, "decode_tokens": 2, "frames": [4, 8], "text_tokens": 8,
+                                       "device": "cpu"},
+                           "stage1": {"ppm": {"d_ppm": 16, "n_layers": 1, "n_heads": 2}}})
+    out, plots = tmp_path / "plots" / "profile", tmp_path / "plots"
+    result = run_profile(params, base, tmp_path / "no-ppm", out, plots, log=lambda *a: None)
+    for name in ("speedup.png", "frames.png", "report.md", "trace.json"):
+        assert (out / name).stat().st_size > 0, name
+    report = (out / "report.md").read_text()
+    assert "device: **cpu**" in report and "PPM: random weights" in report
+    assert "| covipal@0.25 |" in report and "Frames that fit" in report
+    m = result["metrics"]
+    assert m["device"] == "cpu" and set(m["cases"]) == {"none", "covipal_r0.5", "covipal_r0.25", "random_r0.5",
+                                                        "random_r0.25"}
+    assert m["frames"]["none"]["largest_fitting_frames"] in (0, 4, 8)
+    json.dumps(m)  # serialisable as metrics/profile.json
+    speedup_csv = (plots / "profile_speedup.csv").read_text().splitlines()
+    assert speedup_csv[0] == "reserve_ratio,speedup,limit" and len(speedup_csv) == 3  # covipal at 2 ratios
+    frames_csv = (plots / "profile_frames.csv").read_text().splitlines()
+    assert frames_csv[0] == "frames,unpruned_mib,pruned_mib,cap_mib" and len(frames_csv) >= 2
+
+
+def test_figures_attach_to_a_registered_version(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from covipal.profiling.stage import attach_to_registered
+    from covipal.registry import register_ppm
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    try:
+        PPM(PPMConfig(d_model=8, d_ppm=8, n_layers=1, n_heads=2)).save_pretrained(tmp_path / "ppm")
+        reg = register_ppm(tmp_path / "ppm", metrics={"hard_accuracy": 0.5}, metric="hard_accuracy",
+                           base_model="reference@x", guide_layer=1, reserve_ratio=0.25, data_version="d", commit="c")
+        (tmp_path / "register.json").write_text(json.dumps({"name": reg.name, "version": int(reg.version)}))
+        figure = tmp_path / "speedup.png"
+        figure.write_bytes(b"png")
+        numbers = {"device_name": "cpu", "model": "base", "frames": {"cap_bytes": 1, "none": {"largest_fitting_frames": 4}},
+                   "cases": {"none": {}, "covipal_r0.25": {"speedup": 2.0, "limit": 2.5}}}
+        attached = attach_to_registered(tmp_path / "register.json", [figure], numbers, uri)
+        assert attached["version"] == 1
+        version = MlflowClient(uri).get_model_version(reg.name, reg.version)
+        assert version.tags["profile.covipal_r0.25.speedup"] == "2.000"
+        assert version.tags["profile.frames_fit.none"] == "4"
+        assert version.tags["profile.artifacts"].endswith("profile/speedup.png")
+        listed = [a.path for a in MlflowClient(uri).list_artifacts(version.run_id, "profile")]
+        assert listed == ["profile/speedup.png"]
+        assert attach_to_registered(tmp_path / "missing.json", [figure], numbers, uri) is None
+    finally:
+        mlflow.set_tracking_uri(None)
