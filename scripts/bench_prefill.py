@@ -2,6 +2,7 @@
 
     python scripts/bench_prefill.py                      # llava-0.5b, 576 vision + 64 text tokens, r = 0.25
     python scripts/bench_prefill.py --threads 2 --repeats 7 --ratios 0.5 0.25 --json out.json
+    python scripts/bench_prefill.py --stat paired    # on a shared machine: median of per-round ratios
 
 Builds the shape with random weights (nothing is downloaded) and a PPM with random weights
 of the LLM's width, then measures every case in interleaved rounds (see
@@ -34,8 +35,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode-tokens", type=int, default=8)
     parser.add_argument("--d-ppm", type=int, default=128, help="PPM width (PPMConfig.d_ppm)")
-    parser.add_argument("--stat", choices=["median", "min"], default="median",
-                        help="which prefill time the speedup check compares (min: the least disturbed round)")
+    parser.add_argument("--stat", choices=["median", "min", "paired"], default="median",
+                        help="speedup checked: ratio of the medians, of the fastest rounds (min), or the median "
+                             "of each round's own ratio (paired)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 

@@ -162,3 +162,35 @@ def test_figures_attach_to_a_registered_version(tmp_path, monkeypatch):
         assert attach_to_registered(tmp_path / "missing.json", [figure], numbers, uri) is None
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def _script(monkeypatch, path, *args) -> int:
+    """Run a script's ``main`` in this process (no second torch import); its exit status."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(sys, "argv", [path, *args])
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / path))
+    return script["main"]()
+
+
+def test_benchmark_scripts_run_their_code_path_on_tiny_shapes(tmp_path, monkeypatch, capsys):
+    """Both benchmarks end to end on tiny shapes (their numbers mean nothing here; only the outputs are checked)."""
+    threads = torch.get_num_threads()
+    cpu = _script(monkeypatch, "scripts/bench_prefill.py", "--shape", "tiny-llava", "--threads", "1", "--warmup",
+                  "0", "--repeats", "1", "--decode-tokens", "2", "--d-ppm", "16", "--json", str(tmp_path / "cpu.json"))
+    torch.set_num_threads(threads)
+    assert cpu in (0, 1)
+    assert capsys.readouterr().out.count("covipal r=0.25") == 3  # the three checks, pass or fail
+    assert json.loads((tmp_path / "cpu.json").read_text())["cases"][1]["label"] == "covipal@0.25"
+
+    gpu = _script(monkeypatch, "scripts/bench_gpu.py", "--out", str(tmp_path / "gpu"), "--tiny", "--shapes",
+                  "tiny-llava", "--warmup", "0", "--repeats", "1", "--decode-tokens", "2", "--frames", "4", "8",
+                  "--cap-gb", "0.006")
+    assert gpu in (0, 1)
+    summary = json.loads((tmp_path / "gpu" / "bench_gpu.json").read_text())
+    assert len(summary["checks"]) == 3 and set(summary["shapes"]["tiny-llava"]["profile"]) == {"image", "video8"}
+    frames = summary["shapes"]["tiny-llava"]["frames"]
+    assert [c["label"] for c in frames["cases"]] == ["none", "covipal@0.25", "random@0.25"]
+    assert (tmp_path / "gpu" / "bench_gpu.md").read_text().startswith("# GPU benchmark on cpu")

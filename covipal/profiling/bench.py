@@ -4,8 +4,11 @@
 
 - **prefill time**: one forward of the whole prompt (vision encoder, projector, PPM or
   other scorer, LLM) with ``use_cache=True, logits_to_keep=1``, as ``generate`` runs it;
-  warm-up calls first, then ``repeats`` rounds that time every case once each, in turn,
-  so that a load on the machine falls on all cases alike;
+  warm-up calls first, then ``repeats`` rounds that time every case once each, in turn (the
+  order rotating from round to round),
+  so that a load on the machine falls on all cases alike; the speedup is the ratio of the
+  medians, and also of the fastest rounds (``speedup_min``) and the median of each round's
+  own ratio (``speedup_paired``), both steadier on a shared machine;
 - **the scorer's share**: the time of the pruner's ``score`` call inside those prefills
   (the PPM for ``covipal``);
 - **time per decoded token**: the gaps between consecutive tokens of a greedy
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import statistics
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -151,7 +155,8 @@ def profile_methods(subject: Subject, cases: list[Case], *, pictures: int = 1, n
     kv = {}
     with torch.inference_mode():
         for round_ in range(warmup + repeats):
-            for case in cases:
+            shift = round_ % len(cases)  # rotate the order, so no case always runs first
+            for case in cases[shift:] + cases[:shift]:
                 pruner = pruners[case]
                 with (pruner(model) if pruner else nullcontext()), timed_scores(pruner, clock) as scored:
                     out, seconds = clock.time(lambda: prefill(model, inputs))
@@ -175,6 +180,7 @@ def profile_methods(subject: Subject, cases: list[Case], *, pictures: int = 1, n
             gaps = [b - a for a, b in zip(token_clock.stamps, token_clock.stamps[1:])]
             t, t_full = summary(times[case]), summary(times[full])
             speedup = t_full["median"] / t["median"]
+            paired = statistics.median(a / b for a, b in zip(times[full], times[case]))
             limit = speedup_limit(flops[full], flops[case])
             kept = _kept_share(case, pruner, n_v, n_text, layers)
             kv_ratio = kv[case] / kv[full]
@@ -184,6 +190,8 @@ def profile_methods(subject: Subject, cases: list[Case], *, pictures: int = 1, n
                 "prefill_s": t, "speedup": speedup, "limit": limit, "fraction_of_limit": speedup / limit,
                 # the fastest round of each: least disturbed by other work on a shared machine
                 "speedup_min": t_full["min"] / t["min"], "fraction_of_limit_min": t_full["min"] / t["min"] / limit,
+                # the median of each round's own ratio: the two prefills of a round ran seconds apart
+                "speedup_paired": paired, "fraction_of_limit_paired": paired / limit,
                 "flops": flops[case].as_dict(),
                 "decode_s_per_token": summary(gaps) if gaps else None,
                 "kv_cache_bytes": kv[case], "kv_ratio": kv_ratio, "kept_token_share": kept,

@@ -121,6 +121,7 @@ def metrics(result: dict, frames: dict) -> dict:
             "prefill_p75_s": c["prefill_s"]["p75"], "prefill_min_s": c["prefill_s"]["min"],
             "speedup": c["speedup"], "limit": c["limit"], "fraction_of_limit": c["fraction_of_limit"],
             "speedup_min": c["speedup_min"], "fraction_of_limit_min": c["fraction_of_limit_min"],
+            "speedup_paired": c["speedup_paired"], "fraction_of_limit_paired": c["fraction_of_limit_paired"],
             "decode_ms_per_token": 1000 * c["decode_s_per_token"]["median"],
             "scorer_ms": 1000 * c["scorer_s"], "scorer_share_of_prefill": c["scorer_share_of_prefill"],
             "scorer_share_of_unpruned_prefill": c["scorer_share_of_unpruned_prefill"],
