@@ -213,13 +213,14 @@ def _free(device: torch.device) -> None:
 
 
 def frames_that_fit(subject: Subject, cases: list[Case], frames: list[int], cap_bytes: int, *, n_text: int = 64,
-                    decode_tokens: int = 4, device="cpu", dtype=torch.float32, ppm=None, log=print) -> dict:
+                    decode_tokens: int = 4, device="cpu", dtype=torch.float32, ppm=None, also_try: tuple = (),
+                    log=print) -> dict:
     """The longest video (from ``frames``, tried in increasing order) whose ``generate`` fits under ``cap_bytes``.
 
     On a GPU the cap is enforced (``torch.cuda.set_per_process_memory_fraction``) and a
     run that runs out of memory does not fit; on the CPU each run's peak (live tensors,
     weights included) is compared with the cap. A case stops at its first length that
-    does not fit. Returns ``{"cap_bytes", "cases": [{"label", "largest_fitting_frames",
+    does not fit, except for the lengths in ``also_try``, which are always measured. Returns ``{"cap_bytes", "cases": [{"label", "largest_fitting_frames",
     "points": [{"frames", "peak_bytes" (None: out of memory), "fits"}]}]}``.
     """
     device = torch.device(device)
@@ -232,8 +233,10 @@ def frames_that_fit(subject: Subject, cases: list[Case], frames: list[int], cap_
     try:
         for case in cases:
             pruner = make_pruner(case, ppm)
-            points, best = [], 0
-            for n in sorted(frames):
+            points, best, missed = [], 0, False
+            for n in sorted(set(frames) | set(also_try)):
+                if missed and n not in also_try:
+                    continue
                 inputs = make_inputs(subject.config, subject.pictures(n), n_text, device=device, dtype=dtype)
                 peak, oom = None, False
                 try:
@@ -249,9 +252,9 @@ def frames_that_fit(subject: Subject, cases: list[Case], frames: list[int], cap_
                 points.append({"frames": n, "peak_bytes": peak, "fits": fits})
                 log(f"  {case.label}: {n} frames -> "
                     + ("out of memory" if oom else f"{peak / 2**20:.1f} MiB") + ("" if fits else " (does not fit)"))
-                if not fits:
-                    break
-                best = n
+                missed = missed or not fits
+                if not missed:
+                    best = n
             out["cases"].append({"label": case.label, "method": case.method, "reserve_ratio": case.ratio,
                                  "largest_fitting_frames": best, "points": points})
     finally:
