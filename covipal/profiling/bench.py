@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import gc
 import statistics
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -105,8 +106,6 @@ class _TokenClock:
         self.clock, self.stamps = clock, []
 
     def __call__(self, input_ids, scores, **kwargs):
-        import time
-
         if self.clock.cuda:
             torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())

@@ -17,11 +17,10 @@ from __future__ import annotations
 import ctypes
 import statistics
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -93,7 +92,6 @@ class MemoryReading:
     peak_bytes: int = 0
     peak_rss_bytes: int | None = None
     device: str = "cpu"
-    extra: dict = field(default_factory=dict)
 
 
 class LiveTensors(TorchDispatchMode):
