@@ -211,6 +211,14 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _index(device) -> int:
+    """CUDA device index of ``device`` (``"cuda"`` alone means the current device)."""
+    import torch
+
+    device = torch.device(device)
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def frames_that_fit(subject: Subject, cases: list[Case], frames: list[int], cap_bytes: int, *, n_text: int = 64,
                     decode_tokens: int = 4, device="cpu", dtype=torch.float32, ppm=None, also_try: tuple = (),
                     log=print) -> dict:
@@ -227,7 +235,7 @@ def frames_that_fit(subject: Subject, cases: list[Case], frames: list[int], cap_
         total = torch.cuda.get_device_properties(device).total_memory
         if cap_bytes > total:
             raise ValueError(f"memory cap {cap_bytes / 2**30:.1f} GiB exceeds the GPU's {total / 2**30:.1f} GiB")
-        torch.cuda.set_per_process_memory_fraction(cap_bytes / total, device)
+        torch.cuda.set_per_process_memory_fraction(cap_bytes / total, _index(device))
     out = {"cap_bytes": cap_bytes, "frames_per_picture": subject.frames_per_picture, "cases": []}
     try:
         for case in cases:
@@ -258,7 +266,7 @@ def frames_that_fit(subject: Subject, cases: list[Case], frames: list[int], cap_
                                  "largest_fitting_frames": best, "points": points})
     finally:
         if device.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            torch.cuda.set_per_process_memory_fraction(1.0, _index(device))
     return out
 
 
