@@ -113,9 +113,11 @@ class BaseTraining:
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    curriculum_threshold: float = Field(0.8, gt=0, le=1)  # running train accuracy that admits harder scenes
+    curriculum_threshold: float = Field(0.6, gt=0, le=1)  # running train accuracy that admits harder scenes
     curriculum_increment: float = Field(0.25, gt=0, le=1)  # level step (0 = fewest digits, 1 = most)
-    curriculum_deadline: float = Field(0.85, gt=0, le=1)  # share of steps by which all scenes are admitted
+    curriculum_deadline: float = Field(0.5, gt=0, le=1)  # share of steps by which all scenes are admitted
+    grounding_layer: int = Field(0, ge=0)  # decoder layer whose head 0 learns to look at the relevant cells
+    grounding_weight: float = Field(1.0, ge=0)  # weight of that loss (0: none)
     eval_batch_size: int = Field(128, ge=1)
 
 
@@ -310,6 +312,10 @@ class Params:
             raise ConfigError(
                 f"targets.guide_layer: {self.targets.guide_layer} is beyond the model's depth "
                 f"({depth} decoder layers, numbered 0..{depth - 1}); set it to at most {depth - 1}")
+        if self.model.source == "reference" and self.base.grounding_layer >= self.model.reference.text_layers:
+            raise ConfigError(
+                f"base.grounding_layer: {self.base.grounding_layer} is beyond the reference LLM's depth "
+                f"({self.model.reference.text_layers} layers); set it to at most {self.model.reference.text_layers - 1}")
         for stage in ("stage1", "stage2"):
             self.deepspeed_for(stage)
         source = self.data.source

@@ -21,6 +21,7 @@ def test_repository_params_are_valid():
     ({"pruning": {"reserve_ratio": 1.5}}, "pruning.reserve_ratio", "less than or equal to 1"),
     ({"pruning": {"eval_ratios": [0.5, 2.0]}}, "eval_ratios", "outside (0, 1]"),
     ({"targets": {"guide_layer": 4}}, "targets.guide_layer", "at most 3"),
+    ({"base": {"grounding_layer": 4}}, "base.grounding_layer", "at most 3"),
     ({"data": {"source": "./no/such/folder"}}, "data.source", "does not exist"),
     ({"data": {"image": {"question_types": ["colour", "smell"]}}}, "data.image.question_types", "listed values"),
     ({"data": {"image": {"digits": 99}}}, "image.digits", "fit in grid"),
