@@ -20,7 +20,6 @@ def test_repository_params_are_valid():
     ({"pruning": {"reserve_ratio": 0}}, "pruning.reserve_ratio", "greater than 0"),
     ({"pruning": {"reserve_ratio": 1.5}}, "pruning.reserve_ratio", "less than or equal to 1"),
     ({"evaluate": {"ratios": [0.5, 2.0]}}, "evaluate", "outside (0, 1]"),
-    ({"evaluate": {"method_args": {"fastv": {"layer": 1}}, "methods": ["random"]}}, "evaluate", "not in methods"),
     ({"evaluate": {"rows": 0}}, "evaluate.rows", "allowed range"),
     ({"targets": {"guide_layer": 4}}, "targets.guide_layer", "at most 3"),
     ({"data": {"source": "./no/such/folder"}}, "data.source", "does not exist"),

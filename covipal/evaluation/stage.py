@@ -25,10 +25,14 @@ def build_methods(cfg: EvaluateConfig, n_layers: int, ppm=None, guide_layer: int
     """
     from covipal.pruning import available_methods, get_method
 
+    unknown = sorted(set(cfg.methods) - set(available_methods()))
+    if unknown:
+        raise ConfigError(f"evaluate.methods: unknown method(s) {unknown}; registered methods: {available_methods()}")
+    stray = sorted(set(cfg.method_args) - set(available_methods()))
+    if stray:
+        raise ConfigError(f"evaluate.method_args: unknown method(s) {stray}; registered methods: {available_methods()}")
     kwargs = {}
     for name in cfg.methods:
-        if name not in available_methods():
-            raise ConfigError(f"evaluate.methods: unknown method {name!r}; registered methods: {available_methods()}")
         fields = {f.name for f in dataclasses.fields(type(get_method(name)))}
         defaults = {"ppm": ppm, "guide_layer": guide_layer, "seed": cfg.seed,
                     "match_layer_average": cfg.match_layer_average}
@@ -67,7 +71,7 @@ def run_evaluate(params: Params, data_dir: Path, base_dir: Path, ppm_dir: Path, 
     ppm = PPM.from_pretrained(ppm_dir) if "covipal" in cfg.methods else None
     make = build_methods(cfg, n_layers, ppm, params.targets.guide_layer)
     test = _rows(load_from_disk(str(data_dir))["test"], cfg.rows)
-    rows = test.to_list()
+    rows = list(test)  # decoded rows (PIL images)
     log(f"evaluating {len(cfg.methods)} methods at ratios {cfg.ratios} on {len(rows)} test rows")
     torch.manual_seed(cfg.seed)
     results = evaluate_methods(model, inputs, rows, make, cfg.methods, cfg.ratios, cfg.batch_size)
