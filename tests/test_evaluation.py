@@ -139,9 +139,13 @@ def test_table_metrics_and_report():
     m = metrics(records)
     assert m["a"]["r0.5"]["image"]["accuracy"] == 0.25 and m["a"]["r1"]["image"]["by_type"] == {"colour": 1.0,
                                                                                                 "count": 0.5}
+    assert by[("a", 0.5, "image", "all")]["tokens_target"] == 32.0
     text = report(records, 0.95)
     assert "## image (4 rows, 64 vision tokens per row)" in text and "## video (2 rows" in text
     assert "| a | 0.750 [" in text and "| r = 1 | r = 0.5 |" in text and "32.0 / 32.0, 0.50" in text
+    assert "†" not in text.split("\n## ")[1]
+    res[("a", 0.5)].layer_average[:] = 40.0  # 8 tokens over ceil(0.5 * 64): flagged
+    assert "0.250 [" in (flagged := report(table(res, rows, 200, 0.95, 0), 0.95)) and "] †" in flagged
 
 
 # --- method checks ------------------------------------------------------------------------------

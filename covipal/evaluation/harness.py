@@ -9,6 +9,10 @@ share of the row's ground-truth relevant cells among the vision tokens the metho
 
 At ``r = 1`` every registered method leaves the model's computation unchanged bit for bit
 (tested in ``tests/test_pruning_*``), so the unpruned pass stands for every method there.
+
+The vision tower and projector run once per batch: their output is passed to every pass
+as LLaVA's ``mm_encoder_outputs``, except to methods that hook the tower themselves
+(``visionzip`` reads its [CLS] attention), which get the pixels.
 """
 
 from __future__ import annotations
@@ -79,14 +83,19 @@ def evaluate_methods(model, inputs, rows: list[dict], make_pruner: Callable[[str
     pruned = [r for r in ratios if r < FULL]
     relevant = [relevant_tokens(r["relevant"], len(r["images"]), processor) for r in rows]
     plan = batches(rows, batch_size)
+    tower = model.model.vision_tower
     bar = tqdm(total=len(plan) * (1 + len(methods) * len(pruned)), desc="evaluate", disable=not progress,
                mininterval=5)
     for idx in plan:
         chunk = [rows[i] for i in idx]
         prompt = {k: v.to(device) for k, v in inputs.prompt(chunk).items()}
+        encoded = {k: v for k, v in prompt.items() if k != "pixel_values"}
+        encoded["mm_encoder_outputs"] = {"image": model.model.get_image_features(
+            pixel_values=prompt["pixel_values"], vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy)}
         answers = inputs.answers(chunk).to(device)
         n_vision = (prompt["input_ids"] == image_token).sum(dim=1).cpu().numpy()
-        hit = (model(**prompt, logits_to_keep=1).logits[:, -1].argmax(-1) == answers).cpu().numpy()
+        hit = (model(**encoded, logits_to_keep=1).logits[:, -1].argmax(-1) == answers).cpu().numpy()
         bar.update()
         for m in methods:
             if FULL in ratios:
@@ -95,8 +104,10 @@ def evaluate_methods(model, inputs, rows: list[dict], make_pruner: Callable[[str
                 res.n_vision[idx] = n_vision
                 res.relevant_kept[idx] = [np.nan if not relevant[i] else 1.0 for i in idx]
             for ratio in pruned:
+                before = _hooks(tower)
                 with make_pruner(m, ratio)(model) as run:
-                    logits = model(**prompt, logits_to_keep=1).logits[:, -1]
+                    reads_tower = _hooks(tower) > before  # the method hooked the tower: give it the pixels
+                    logits = model(**(prompt if reads_tower else encoded), logits_to_keep=1).logits[:, -1]
                 res = out[(m, ratio)]
                 res.correct[idx] = (logits.argmax(-1) == answers).cpu().numpy()
                 budgets = run.budget()
@@ -110,3 +121,8 @@ def evaluate_methods(model, inputs, rows: list[dict], make_pruner: Callable[[str
                 bar.update()
     bar.close()
     return out
+
+
+def _hooks(module: torch.nn.Module) -> int:
+    """Number of forward hooks and pre-hooks on ``module`` and its submodules."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
