@@ -269,7 +269,7 @@ EVALUATED_METHODS = ["covipal", "random", "oracle", "visionzip", "dart", "fastv"
 
 @dataclass(config=STRICT)
 class EvaluateConfig:
-    """The ``evaluate`` stage (``covipal.evaluation.stage.run_evaluate``): every method at every ratio on the test split.
+    """The ``evaluate`` stage (``covipal.evaluation.stage.run_evaluate``): every method at every ratio.
 
     ``methods`` are names of ``covipal.pruning.available_methods()`` (checked when the
     stage starts); ``method_args`` are extra dataclass fields per method. The stage fills
