@@ -125,14 +125,6 @@ class BaseTraining:
 class PruningConfig:
     method: str = "covipal"
     reserve_ratio: float = Field(0.25, gt=0, le=1)
-    eval_ratios: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125, 0.0625], min_length=1)
-
-    @model_validator(mode="after")
-    def _ratios_in_range(self):
-        bad = [r for r in self.eval_ratios if not 0 < r <= 1]
-        if bad:
-            raise ValueError(f"eval_ratios {bad} are outside (0, 1]; a reserve ratio is the kept share of vision tokens")
-        return self
 
 
 @dataclass(config=STRICT)
@@ -274,6 +266,41 @@ class RegistryConfig:
     metric: Literal["hard_accuracy", "soft_accuracy", "stage1_recall", "stage1_spearman"] = "hard_accuracy"
 
 
+EVALUATED_METHODS = ["covipal", "random", "oracle", "visionzip", "dart", "fastv", "pyramiddrop", "sparsevlm"]
+
+
+@dataclass(config=STRICT)
+class EvaluateConfig:
+    """The ``evaluate`` stage (``covipal.evaluation.stage.run_evaluate``): every method at every ratio.
+
+    ``methods`` are names of ``covipal.pruning.available_methods()`` (checked when the
+    stage starts); ``method_args`` are extra dataclass fields per method. The stage fills
+    in ``covipal``'s ``ppm`` (models/ppm), ``oracle``'s ``guide_layer`` (``targets.guide_layer``),
+    ``random``'s ``seed`` and, with ``match_layer_average``, that field of the in-LLM methods.
+    """
+
+    methods: list[str] = Field(default_factory=lambda: list(EVALUATED_METHODS), min_length=1)
+    # the reference LLM has 4 layers: K = 1 keeps FastV/DART's pruned share of compute near the papers' K = 2 of 32
+    method_args: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"fastv": {"layer": 1}, "dart": {"layer": 1}})
+    ratios: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125, 0.0625], min_length=1)
+    match_layer_average: bool = True  # in-LLM methods keep as many tokens as make the layer average ceil(r n_v)
+    rows: int | None = Field(1000, ge=1)  # first rows of the test split (null: all); sized for ~3 min on 2 cores
+    batch_size: int = Field(64, ge=1)
+    n_bootstrap: int = Field(1000, ge=100)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self):
+        bad = [r for r in self.ratios if not 0 < r <= 1]
+        if bad:
+            raise ValueError(f"ratios {bad} are outside (0, 1]; a reserve ratio is the kept share of vision tokens")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods {self.methods} name a method twice")
+        return self
+
+
 @dataclass(config=STRICT)
 class TrackingConfig:
     experiment: str = "covipal"
@@ -291,6 +318,7 @@ class Params:
     stage1: Stage1Section = Field(default_factory=Stage1Section)
     stage2: Stage2Section = Field(default_factory=Stage2Section)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def deepspeed_for(self, stage: Literal["stage1", "stage2"]) -> DeepSpeedSection:
