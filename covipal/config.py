@@ -277,12 +277,16 @@ class EvaluateConfig:
     stage starts); ``method_args`` are extra dataclass fields per method. The stage fills
     in ``covipal``'s ``ppm`` (models/ppm), ``oracle``'s ``guide_layer`` (``targets.guide_layer``),
     ``random``'s ``seed`` and, with ``match_layer_average``, that field of the in-LLM methods.
+    ``variants`` names further entries of ``methods``: a registered ``method`` with its own
+    arguments, e.g. ``covipal_stage1: {method: covipal, ppm: models/stage1}`` (the PPM after
+    stage 1 only).
     """
 
     methods: list[str] = Field(default_factory=lambda: list(EVALUATED_METHODS), min_length=1)
     # the reference LLM has 4 layers: K = 1 keeps FastV/DART's pruned share of compute near the papers' K = 2 of 32
     method_args: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"fastv": {"layer": 1}, "dart": {"layer": 1}})
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     ratios: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125, 0.0625], min_length=1)
     match_layer_average: bool = True  # in-LLM methods keep as many tokens as make the layer average ceil(r n_v)
     rows: int | None = Field(1000, ge=1)  # first rows of the test split (null: all); sized for ~3 min on 2 cores
@@ -298,6 +302,9 @@ class EvaluateConfig:
             raise ValueError(f"ratios {bad} are outside (0, 1]; a reserve ratio is the kept share of vision tokens")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods {self.methods} name a method twice")
+        no_method = sorted(name for name, args in self.variants.items() if "method" not in args)
+        if no_method:
+            raise ValueError(f"variants {no_method} lack `method`: name the registered method each one runs")
         return self
 
 

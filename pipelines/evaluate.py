@@ -17,7 +17,7 @@ from covipal.io import atomic_output, write_json
 def main() -> None:
     with stage("evaluate", ["evaluate"]) as (params, run):
         ppm_dir = ROOT / "models" / "ppm"
-        result = run_evaluate(params, ROOT / "data" / "world", ROOT / "models" / "base", ppm_dir)
+        result = run_evaluate(params, ROOT / "data" / "world", ROOT / "models" / "base", ppm_dir, ROOT)
         records = result["records"]
         write_json(ROOT / "metrics" / "evaluate.json",
                    {"rows": result["rows"], "minutes": result["minutes"], "methods": result["metrics"]})

@@ -165,3 +165,22 @@ def test_build_methods_names_bad_settings():
     make = build_methods(EvaluateConfig(methods=["random", "fastv"], seed=7), 4)
     assert make("random", 0.5).seed == 7 and make("fastv", 0.25).match_layer_average
     assert make("fastv", 0.25).layer == 1 and make("fastv", 0.25).reserve_ratio == 0.25
+
+
+def test_variants_name_a_registered_method_with_their_own_arguments(tmp_path):
+    from covipal.ppm import PPM, PPMConfig
+
+    stage2, stage1 = (PPM(PPMConfig(d_model=32, d_ppm=16, n_layers=1, n_heads=2)) for _ in range(2))
+    stage1.save_pretrained(tmp_path / "models" / "stage1")
+    cfg = EvaluateConfig(methods=["covipal", "covipal_stage1"],
+                         variants={"covipal_stage1": {"method": "covipal", "ppm": "models/stage1"}})
+    make = build_methods(cfg, 4, stage2, root=tmp_path)
+    assert make("covipal", 0.25).ppm is stage2
+    variant = make("covipal_stage1", 0.125)
+    assert variant.reserve_ratio == 0.125 and variant.ppm == str(tmp_path / "models" / "stage1")
+    loaded = PPM.from_pretrained(variant.ppm)
+    torch.testing.assert_close(dict(loaded.state_dict()), dict(stage1.state_dict()))
+    with pytest.raises(ValueError, match="lack `method`"):
+        EvaluateConfig(methods=["x"], variants={"x": {"ppm": "models/stage1"}})
+    with pytest.raises(ConfigError, match=r"unknown method\(s\) \['x'\]"):
+        build_methods(EvaluateConfig(methods=["x"], variants={"x": {"method": "nope"}}), 4)
