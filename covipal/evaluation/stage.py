@@ -71,11 +71,11 @@ def run_evaluate(params: Params, data_dir: Path, base_dir: Path, ppm_dir: Path, 
     from covipal.evaluation.harness import evaluate_methods
     from covipal.evaluation.summary import metrics, table
     from covipal.ppm import PPM
-    from covipal.training.pipeline import _load_base, _rows
+    from covipal.training.pipeline import _rows, load_frozen_base
 
     t0 = time.time()
     cfg = params.evaluate
-    model, inputs = _load_base(base_dir)
+    model, inputs = load_frozen_base(base_dir)
     n_layers = model.config.get_text_config().num_hidden_layers
     ppm = PPM.from_pretrained(ppm_dir) if "covipal" in cfg.methods else None
     make = build_methods(cfg, n_layers, ppm, params.targets.guide_layer, root)
