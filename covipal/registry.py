@@ -369,7 +369,9 @@ def show(name: str = MODEL_NAME, tracking_uri: str | None = None) -> list[dict]:
     """Every version of ``name``: aliases, promotion, reason, metrics and lineage tags (newest first)."""
     client, _ = _client(tracking_uri)
     versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: -int(v.version))
-    return [{"version": v.version, "aliases": list(v.aliases), **dict(sorted(v.tags.items()))} for v in versions]
+    aliases = client.get_registered_model(name).aliases  # {alias: version}
+    return [{"version": str(v.version), "aliases": sorted(a for a, n in aliases.items() if str(n) == str(v.version)),
+             **dict(sorted(v.tags.items()))} for v in versions]
 
 
 def main(argv: list[str] | None = None) -> None:
