@@ -92,17 +92,17 @@ def summary(results: dict[str, str], metrics: dict[str, dict], failure: str | No
 @flow(name="covipal-pipeline")
 def pipeline(stages: list[str] | None = None, force: bool = False) -> dict[str, str]:
     """Reproduce ``stages`` (all of dvc.yaml when None) in pipeline order, one at a time."""
-    known = dvc_stages()
-    unknown = sorted(set(stages or []) - set(known))
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml defines {known}")
-    selected = [s for s in known if stages is None or s in stages]
-    params = load_params(ROOT / "params.yaml")
-    retrying = repro.with_options(retries=params.ops.stage_retries,
-                                  retry_delay_seconds=params.ops.retry_delay_seconds)
-    uri = tracking_uri(params.tracking.tracking_uri, ROOT)
     results: dict[str, str] = {}
     try:
+        known = dvc_stages()
+        unknown = sorted(set(stages or []) - set(known))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml defines {known}")
+        selected = [s for s in known if stages is None or s in stages]
+        params = load_params(ROOT / "params.yaml")
+        retrying = repro.with_options(retries=params.ops.stage_retries,
+                                      retry_delay_seconds=params.ops.retry_delay_seconds)
+        uri = tracking_uri(params.tracking.tracking_uri, ROOT)
         with stage_run("pipeline", {"stages": ",".join(selected), "force": force},
                        params.tracking.experiment, uri) as run:
             for stage in selected:
@@ -110,7 +110,7 @@ def pipeline(stages: list[str] | None = None, force: bool = False) -> dict[str, 
                 results[stage] = retrying(stage, force, run.run_id)
             metrics = read_metrics()
             run.metrics(metrics)
-    except BaseException as err:
+    except Exception as err:
         create_markdown_artifact(summary(results, {}, failure=f"{type(err).__name__}: {err}"),
                                  key="pipeline-summary", description="The pipeline failed: stages run and the cause")
         raise

@@ -149,3 +149,23 @@ def test_reference_lvlm_targets_from_world_rows(tmp_path, reference):
     assert n_v == [64 if r["modality"] == "image" else 128 for r in rows[:4]]
     assert (batch["target"].sum(1) > 0).all()
     assert batch["text_mask"].sum(1).tolist() == [1 + len(r["question"].split()) for r in rows[:4]]  # <s> + words
+
+
+def test_processes_split_the_shards_into_what_one_process_writes(tmp_path):
+    from covipal.training.targets import SUMMARY_NAME, merge_summaries
+
+    one, split = tmp_path / "one", tmp_path / "split"
+    alone = write(one)
+    calls = {0: [], 1: []}
+    parts = [write(split, lambda rows, r=r: llava_inputs(rows, calls[r]), rank=r, world=2) for r in (0, 1)]
+    assert sorted(calls[0]) == [0, 1, 2, 6] and sorted(calls[1]) == [3, 4, 5]  # shards 0, 2 and shard 1
+    assert not (split / SUMMARY_NAME).exists()  # each rank's summary is partial
+    merged = merge_summaries(parts, split)
+    assert {k: merged[k] for k in ("shards", "written", "skipped", "rows", "mean_vision_tokens")} == \
+        {k: alone[k] for k in ("shards", "written", "skipped", "rows", "mean_vision_tokens")}
+    a, b = TargetShards(one), TargetShards(split)
+    for i in range(3):
+        x, y = a.load(i), b.load(i)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    with pytest.raises(ValueError, match="rank 2 is outside 0..1"):
+        write(split, rank=2, world=2)
