@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from test_pipeline_e2e import make_project
 
@@ -108,12 +109,16 @@ def test_scheduled_retraining_on_real_servers(tmp_path):
         services.wait_http("prefect-server", f"{api}/health", 180)
         services.wait_http("mlflow-server", f"http://127.0.0.1:{mlflow_port}/health", 180)
 
-        when = next_minute(at_least=30)  # time for `serve` to start and register the deployment
-        proj = make_project(tmp_path / "proj", {"ops": {"deployment": "retrain-test", "schedule": {
-            "cron": f"{when.minute} {when.hour} * * *", "timezone": "UTC"}}})
+        proj = make_project(tmp_path / "proj")
+        when = next_minute(at_least=45)  # time for `serve` to start and register the deployment
+        params = yaml.safe_load((proj / "params.yaml").read_text())
+        params["ops"].update(deployment="retrain-test", schedule={"cron": f"{when.minute} {when.hour} * * *",
+                                                                   "timezone": "UTC"})
+        (proj / "params.yaml").write_text(yaml.safe_dump(params))
         serve = services.start("serve", [sys.executable, "pipelines/flow.py", "serve"], env, proj)
 
         deployment = wait_for(lambda: get(api, "/deployments/name/covipal-pipeline/retrain-test"), 120, services)
+        assert parse(deployment["created"]) < when, "serve started too late for the schedule; raise at_least"
         assert deployment["global_concurrency_limit"]["limit"] == 1
         assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
         assert deployment["schedules"][0]["schedule"]["cron"].startswith(

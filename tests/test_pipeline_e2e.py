@@ -36,9 +36,8 @@ def project(tmp_path_factory) -> Path:
     return make_project(tmp_path_factory.mktemp("proj"))
 
 
-def make_project(proj: Path, extra: dict | None = None) -> Path:
-    """A fresh project in ``proj`` with the repository's pipeline, tiny params (plus ``extra``
-    sections), git and DVC."""
+def make_project(proj: Path) -> Path:
+    """A fresh project in ``proj`` with the repository's pipeline, tiny params, git and DVC."""
     shutil.copytree(ROOT / "pipelines", proj / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", proj)
     shutil.copytree(ROOT / "covipal", proj / "covipal", ignore=shutil.ignore_patterns("__pycache__"))
@@ -46,7 +45,6 @@ def make_project(proj: Path, extra: dict | None = None) -> Path:
     for section, values in TINY.items():
         for key, value in values.items():
             params[section][key] = {**params[section][key], **value} if isinstance(value, dict) else value
-    params.update(extra or {})
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
                 [sys.executable, "-m", "dvc", "config", "core.analytics", "false"]):
