@@ -151,13 +151,12 @@ def _version_with_key(client, name: str, key: str):
 
 def _with_checksums(ppm_dir: Path, tmp: Path) -> tuple[Path, dict[str, str]]:
     """A copy of ``ppm_dir`` with ``checksums.json`` added, and the checksums."""
+    from covipal.io import write_json
     from covipal.ppm import CHECKSUMS_NAME, file_checksums
 
     copy = tmp / "ppm"
     shutil.copytree(ppm_dir, copy, ignore=shutil.ignore_patterns(CHECKSUMS_NAME))
     sums = file_checksums(copy)
-    from covipal.io import write_json
-
     write_json(copy / CHECKSUMS_NAME, sums)
     return copy, sums
 
