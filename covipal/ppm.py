@@ -30,7 +30,6 @@ from covipal.io import atomic_output
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-CHECKSUMS_NAME = "checksums.json"  # added by the registry: SHA-256 of the two files above
 FORMAT = "covipal-ppm"
 
 

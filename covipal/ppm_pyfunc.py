@@ -2,8 +2,8 @@
 
 MLflow stores this file with the model and runs it on ``mlflow.pyfunc.load_model`` (and
 in ``mlflow models serve``); the weights are the PPM folder (``config.json`` +
-``model.safetensors`` + ``checksums.json``) logged as the artifact ``ppm``, checked
-against its checksums and loaded with ``PPM.from_pretrained``. Nothing is pickled. Not
+``model.safetensors``) logged as the artifact ``ppm``, checked against the SHA-256 sums
+of the model config (``sha256``) and loaded with ``PPM.from_pretrained``. Nothing is pickled. Not
 imported by covipal itself (importing it registers the model object with MLflow).
 
 Input: a dict of numpy arrays ``vision`` (B, n_v, d) and ``text`` (B, n_t, d) float32,
@@ -16,7 +16,6 @@ False; ``keep`` (B, k) int64, the kept token indices of each sample in ascending
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
@@ -27,13 +26,14 @@ class PPMPyfunc(PythonModel):
     """Scores vision tokens with the PPM in the model's ``ppm`` artifact and selects the kept ones."""
 
     def load_context(self, context):
-        from covipal.ppm import CHECKSUMS_NAME, PPM, verify_checksums
+        from covipal.ppm import PPM, verify_checksums
 
         folder = Path(context.artifacts["ppm"])
-        verify_checksums(folder, json.loads((folder / CHECKSUMS_NAME).read_text()), f"PPM artifact {folder}")
+        config = context.model_config or {}
+        if "sha256" in config:
+            verify_checksums(folder, config["sha256"], f"PPM artifact {folder}")
         self.ppm = PPM.from_pretrained(folder)
-        params = context.model_config or {}
-        self.default_ratio = float(params.get("reserve_ratio", 0.25))
+        self.default_ratio = float(config.get("reserve_ratio", 0.25))
 
     def predict(self, context, model_input, params=None):
         import numpy as np

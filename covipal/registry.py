@@ -15,7 +15,7 @@ a replaced champion gets ``superseded_by`` and the new one ``previous_champion``
 Serving loads ``models:/covipal-ppm@champion`` (:func:`load_ppm`).
 
 Integrity: the version records the SHA-256 of each PPM file (tags ``sha256.<file>``,
-and ``checksums.json`` inside the artifact); :func:`load_ppm` and the pyfunc refuse
+and ``sha256`` in the pyfunc's model config); :func:`load_ppm` and the pyfunc refuse
 files that do not match. Registration is idempotent per ``registration_key`` (the
 training run): retried after a failure (e.g. the tracking server was down), it finishes
 the version it started instead of registering a second one.
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import subprocess
 import tempfile
 from contextlib import nullcontext
@@ -149,18 +148,6 @@ def _version_with_key(client, name: str, key: str):
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
-def _with_checksums(ppm_dir: Path, tmp: Path) -> tuple[Path, dict[str, str]]:
-    """A copy of ``ppm_dir`` with ``checksums.json`` added, and the checksums."""
-    from covipal.io import write_json
-    from covipal.ppm import CHECKSUMS_NAME, file_checksums
-
-    copy = tmp / "ppm"
-    shutil.copytree(ppm_dir, copy, ignore=shutil.ignore_patterns(CHECKSUMS_NAME))
-    sums = file_checksums(copy)
-    write_json(copy / CHECKSUMS_NAME, sums)
-    return copy, sums
-
-
 def register_ppm(ppm_dir: str | Path, *, metrics: dict[str, float], metric: str, base_model: str,
                  guide_layer: int, reserve_ratio: float, data_version: str, commit: str | None = None,
                  name: str = MODEL_NAME, tracking_uri: str | None = None, experiment: str = "covipal",
@@ -243,22 +230,25 @@ def register_ppm(ppm_dir: str | Path, *, metrics: dict[str, float], metric: str,
 
 def _log_and_register(ppm_dir: Path, d_model: int, metrics: dict, name: str, experiment: str,
                       reserve_ratio: float, version_tags: dict):
-    """Log the PPM (with its checksums) as a pyfunc in the active or a new run; register it with ``version_tags``."""
+    """Log the PPM as a pyfunc (its checksums in the model config) in the active or a new run; register it
+    with ``version_tags`` plus the checksums."""
     import mlflow
     import torch
+
+    from covipal.ppm import file_checksums
 
     active = mlflow.active_run()
     if active is None:
         mlflow.set_experiment(experiment)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder, sums = _with_checksums(ppm_dir, Path(tmp))
-        with (mlflow.start_run(run_name="register") if active is None else nullcontext(active)):
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-            info = mlflow.pyfunc.log_model(
-                name="ppm", python_model=str(PYFUNC_FILE), artifacts={"ppm": str(folder)},
-                signature=_signature(d_model, reserve_ratio), model_config={"reserve_ratio": float(reserve_ratio)},
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors",
-                                  f"mlflow=={mlflow.__version__}"])
+    sums = file_checksums(ppm_dir)
+    with (mlflow.start_run(run_name="register") if active is None else nullcontext(active)):
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        info = mlflow.pyfunc.log_model(
+            name="ppm", python_model=str(PYFUNC_FILE), artifacts={"ppm": str(ppm_dir)},
+            signature=_signature(d_model, reserve_ratio),
+            model_config={"reserve_ratio": float(reserve_ratio), "sha256": sums},
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors",
+                              f"mlflow=={mlflow.__version__}"])
     version_tags = {**version_tags, **{SHA_TAG + f: h for f, h in sums.items()}}
     return mlflow.register_model(info.model_uri, name, tags=version_tags)
 
@@ -324,12 +314,25 @@ def load_ppm(model_uri: str = f"models:/{MODEL_NAME}@champion", *, reserve_ratio
             raise ValueError(f"{version.name} v{version.version} records no checksums (sha256.* tags); "
                              "re-register it with covipal.registry.register_ppm")
         with tempfile.TemporaryDirectory() as tmp:
-            model_dir = mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=tmp)
-            folder = Path(model_dir) / "artifacts" / "ppm"
+            model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}",
+                                                                 dst_path=tmp))
+            folder = model_dir / _ppm_path(model_dir, f"{version.name} v{version.version}")
             verify_checksums(folder, expected, f"{version.name} v{version.version}")
             ppm = PPM.from_pretrained(folder)
         ratio = reserve_ratio if reserve_ratio is not None else float(version.tags.get("reserve_ratio", 0.25))
     return get_method("covipal", ppm=ppm, reserve_ratio=0.25 if ratio is None else ratio)
+
+
+def _ppm_path(model_dir: Path, what: str) -> str:
+    """Where the pyfunc in ``model_dir`` keeps its ``ppm`` artifact (from its MLmodel file)."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load((model_dir / "MLmodel").read_text())
+        return spec["flavors"]["python_function"]["artifacts"]["ppm"]["path"]
+    except (OSError, KeyError, TypeError) as err:
+        raise ValueError(f"{what} is not a covipal PPM model (no `ppm` artifact in its MLmodel: {err}); "
+                         "register PPMs with covipal.registry.register_ppm") from None
 
 
 def promote(version: str, reason: str, name: str = MODEL_NAME, tracking_uri: str | None = None) -> str:

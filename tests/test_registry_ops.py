@@ -86,20 +86,27 @@ def test_pyfunc_reserve_ratio_param_picks_the_top_scores(registry, tmp_path):
 
 def test_tampered_or_corrupt_artifact_is_refused(registry, tmp_path):
     import mlflow
+    import yaml
 
     register_ppm(saved_ppm(tmp_path / "a", 0), metrics={"acc": 0.5}, metric="acc", **LINEAGE)
-    [weights] = [p for p in tmp_path.glob("mlruns/**/artifacts/ppm/model.safetensors")]
+    [weights] = list(tmp_path.glob("mlruns/**/model.safetensors"))
+    # the logged folder is the PPM as saved, file for file (evaluation finds a version by its content)
+    assert sorted(p.name for p in weights.parent.iterdir()) == ["config.json", "model.safetensors"]
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # one flipped bit in the last weight: still a readable safetensors file
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="model.safetensors is corrupt or was tampered with"):
         load_ppm("models:/covipal-ppm@champion")
-    with pytest.raises(ValueError, match="corrupt or was tampered"):  # the served pyfunc checks checksums.json
+    with pytest.raises(ValueError, match="corrupt or was tampered"):  # the served pyfunc checks its model config
         mlflow.pyfunc.load_model("models:/covipal-ppm@champion")
-    # a tamperer who also rewrites checksums.json is still caught by the sums the registry recorded
+    # a tamperer who also rewrites the sums in the model's MLmodel is still caught by the registry's tags
     from covipal.ppm import file_checksums
 
-    (weights.parent / "checksums.json").write_text(json.dumps(file_checksums(weights.parent)))
+    [mlmodel] = list(tmp_path.glob("mlruns/**/MLmodel"))
+    spec = yaml.safe_load(mlmodel.read_text())
+    spec["flavors"]["python_function"]["config"]["sha256"] = file_checksums(weights.parent)
+    mlmodel.write_text(yaml.safe_dump(spec))
+    mlflow.pyfunc.load_model("models:/covipal-ppm@champion")  # fooled
     with pytest.raises(ValueError, match="recorded at registration"):
         load_ppm("models:/covipal-ppm@champion")
 
