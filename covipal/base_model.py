@@ -42,13 +42,14 @@ def _train_reference(params: Params, data_dir: Path, out: Path, log) -> dict:
     ds = load_from_disk(str(data_dir))
     processor = ReferenceProcessor(build_tokenizer(), image_px=8 * params.data.image.grid)
     model = build_reference(params.model.reference, processor.image_px, seed=params.base.seed)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # fp32 either way: the model is small
     warm = warm_up_tower(model, processor, params.data, params.base, log)
     train, val = EncodedSplit(model, processor, ds["train"]), EncodedSplit(model, processor, ds["validation"])
     history = train_llm(model, processor, train, val, params.data, params.base, log)
     test = accuracy(model, processor, EncodedSplit(model, processor, ds["test"]), params.base.eval_batch_size,
                     by_type=True)
     with atomic_output(out) as tmp:
-        model.save_pretrained(tmp)
+        model.cpu().save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return {"test": test, "train": {**warm, "minutes": (time.time() - t0) / 60}, "history": history}
 

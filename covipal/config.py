@@ -113,9 +113,11 @@ class BaseTraining:
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    curriculum_threshold: float = Field(0.8, gt=0, le=1)  # running train accuracy that admits harder scenes
+    curriculum_threshold: float = Field(0.6, gt=0, le=1)  # running train accuracy that admits harder scenes
     curriculum_increment: float = Field(0.25, gt=0, le=1)  # level step (0 = fewest digits, 1 = most)
-    curriculum_deadline: float = Field(0.85, gt=0, le=1)  # share of steps by which all scenes are admitted
+    curriculum_deadline: float = Field(0.5, gt=0, le=1)  # share of steps by which all scenes are admitted
+    grounding_layer: int = Field(0, ge=0)  # decoder layer whose head 0 learns to look at the relevant cells
+    grounding_weight: float = Field(1.0, ge=0)  # weight of that loss (0: none)
     eval_batch_size: int = Field(128, ge=1)
 
 
@@ -123,14 +125,6 @@ class BaseTraining:
 class PruningConfig:
     method: str = "covipal"
     reserve_ratio: float = Field(0.25, gt=0, le=1)
-    eval_ratios: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125, 0.0625], min_length=1)
-
-    @model_validator(mode="after")
-    def _ratios_in_range(self):
-        bad = [r for r in self.eval_ratios if not 0 < r <= 1]
-        if bad:
-            raise ValueError(f"eval_ratios {bad} are outside (0, 1]; a reserve ratio is the kept share of vision tokens")
-        return self
 
 
 @dataclass(config=STRICT)
@@ -272,6 +266,48 @@ class RegistryConfig:
     metric: Literal["hard_accuracy", "soft_accuracy", "stage1_recall", "stage1_spearman"] = "hard_accuracy"
 
 
+EVALUATED_METHODS = ["covipal", "random", "oracle", "visionzip", "dart", "fastv", "pyramiddrop", "sparsevlm"]
+
+
+@dataclass(config=STRICT)
+class EvaluateConfig:
+    """The ``evaluate`` stage (``covipal.evaluation.stage.run_evaluate``): every method at every ratio.
+
+    ``methods`` are names of ``covipal.pruning.available_methods()`` (checked when the
+    stage starts); ``method_args`` are extra dataclass fields per method. The stage fills
+    in ``covipal``'s ``ppm`` (models/ppm), ``oracle``'s ``guide_layer`` (``targets.guide_layer``),
+    ``random``'s ``seed`` and, with ``match_layer_average``, that field of the in-LLM methods.
+    ``variants`` names further entries of ``methods``: a registered ``method`` with its own
+    arguments, e.g. ``covipal_stage1: {method: covipal, ppm: models/stage1}`` (the PPM after
+    stage 1 only).
+    """
+
+    methods: list[str] = Field(default_factory=lambda: list(EVALUATED_METHODS), min_length=1)
+    # the reference LLM has 4 layers: K = 1 keeps FastV/DART's pruned share of compute near the papers' K = 2 of 32
+    method_args: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"fastv": {"layer": 1}, "dart": {"layer": 1}})
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    ratios: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125, 0.0625], min_length=1)
+    match_layer_average: bool = True  # in-LLM methods keep as many tokens as make the layer average ceil(r n_v)
+    rows: int | None = Field(1000, ge=1)  # first rows of the test split (null: all); sized for ~3 min on 2 cores
+    batch_size: int = Field(64, ge=1)
+    n_bootstrap: int = Field(1000, ge=100)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self):
+        bad = [r for r in self.ratios if not 0 < r <= 1]
+        if bad:
+            raise ValueError(f"ratios {bad} are outside (0, 1]; a reserve ratio is the kept share of vision tokens")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods {self.methods} name a method twice")
+        no_method = sorted(name for name, args in self.variants.items() if "method" not in args)
+        if no_method:
+            raise ValueError(f"variants {no_method} lack `method`: name the registered method each one runs")
+        return self
+
+
 @dataclass(config=STRICT)
 class TrackingConfig:
     experiment: str = "covipal"
@@ -331,6 +367,7 @@ class Params:
     stage1: Stage1Section = Field(default_factory=Stage1Section)
     stage2: Stage2Section = Field(default_factory=Stage2Section)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ops: OpsConfig = Field(default_factory=OpsConfig)
 
@@ -353,6 +390,10 @@ class Params:
             raise ConfigError(
                 f"targets.guide_layer: {self.targets.guide_layer} is beyond the model's depth "
                 f"({depth} decoder layers, numbered 0..{depth - 1}); set it to at most {depth - 1}")
+        if self.model.source == "reference" and self.base.grounding_layer >= self.model.reference.text_layers:
+            raise ConfigError(
+                f"base.grounding_layer: {self.base.grounding_layer} is beyond the reference LLM's depth "
+                f"({self.model.reference.text_layers} layers); set it to at most {self.model.reference.text_layers - 1}")
         for stage in ("stage1", "stage2"):
             self.deepspeed_for(stage)
         source = self.data.source

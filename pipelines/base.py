@@ -15,7 +15,7 @@ def main() -> None:
         write_json(ROOT / "metrics" / "base.json", result)
         with atomic_output(ROOT / "plots" / "base_history.csv") as tmp:
             with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=["step", "loss", "minutes", "image", "video"])
+                writer = csv.DictWriter(f, fieldnames=["step", "loss", "grounding", "minutes", "image", "video"])
                 writer.writeheader()
                 writer.writerows(history)
         run.metrics(result)

@@ -1,4 +1,4 @@
-"""Every stage end to end through real DVC (prepare, base, targets, stage1, stage2 + registry), tiny."""
+"""Every stage end to end through real DVC (prepare, base, targets, stage1, stage2 + registry, evaluate), tiny."""
 
 import json
 import os
@@ -20,8 +20,9 @@ TINY = {
     "deepspeed": {"micro_batch_size": 8},
     "stage1": {"epochs": 2, "eval_batch_size": 16, "ppm": {"d_ppm": 16, "n_layers": 1, "n_heads": 2}},
     "stage2": {"eval_batch_size": 12, "rows": {"train": 16, "validation": 12}, "deepspeed": {"micro_batch_size": 8}},
+    "evaluate": {"ratios": [1.0, 0.25], "rows": None, "batch_size": 8, "n_bootstrap": 100},
 }
-STAGES = ["prepare", "base", "targets", "stage1", "stage2"]
+STAGES = ["prepare", "base", "targets", "stage1", "stage2", "evaluate"]
 
 
 def sh(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -83,6 +84,7 @@ def test_repro_runs_every_stage_then_nothing(project):
     assert tags["guide_layer"] == "1" and tags["reserve_ratio"] == "0.25"
     assert tags["base_model"].startswith("reference@sha256:") and tags["data_version"].startswith("sha256:")
     assert tags["data_dvc_md5"] and tags["code_commit"] and tags["promotion"] == "promoted"
+    check_evaluation(project, tags)
 
     again = sh(project, sys.executable, "-m", "dvc", "repro")
     assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
@@ -97,6 +99,31 @@ def test_forced_stage2_registers_a_challenger_that_ties(project):
     registered = json.loads((project / "metrics" / "register.json").read_text())
     assert registered["version"] == 2 and not registered["promoted"] and registered["champion"] == 1
     assert registered["aliases"] == ["challenger"]
+
+
+def check_evaluation(project: Path, tags: dict) -> None:
+    """metrics/evaluate.json, the plot table, the report, and the PPM's numbers on its registry version."""
+    ev = json.loads((project / "metrics" / "evaluate.json").read_text())
+    methods = yaml.safe_load((project / "params.yaml").read_text())["evaluate"]["methods"]
+    assert ev["rows"] == 12 and sorted(ev["methods"]) == sorted(methods)
+    for method in methods:
+        for modality in ("image", "video"):
+            full, pruned = ev["methods"][method]["r1"][modality], ev["methods"][method]["r0.25"][modality]
+            assert full["accuracy"] == ev["methods"]["random"]["r1"][modality]["accuracy"]  # r = 1: unpruned
+            assert 0 <= pruned["accuracy"] <= 1 and pruned["tokens_layer_average"] < full["tokens_layer_average"]
+    covipal = ev["methods"]["covipal"]["r0.25"]["image"]
+    assert covipal["tokens_entering"] == covipal["tokens_layer_average"] == 16  # 64 cells, ceil(0.25 * 64)
+    lines = (project / "plots" / "evaluate_accuracy.csv").read_text().splitlines()
+    assert lines[0].startswith("method,ratio,modality,question_type,accuracy,ci_low,ci_high")
+    assert "## image" in (project / "reports" / "evaluate.md").read_text()
+    assert tags["eval.image.r0.25"].startswith(f"{covipal['accuracy']:.4f}") and tags["eval.run_id"]
+
+
+def test_plots_show_renders_the_accuracy_plot(project):
+    run = sh(project, sys.executable, "-m", "dvc", "plots", "show")
+    assert run.returncode == 0, run.stdout + run.stderr
+    html = (project / "dvc_plots" / "index.html").read_text()
+    assert "Test accuracy against reserve ratio" in html and '"method": "covipal"' in html
 
 
 def registry_tags(project: Path, version: str) -> dict:

@@ -1,6 +1,7 @@
 """The baselines against their published rules on tiny models, and the in-LLM pruning runtime."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -358,3 +359,88 @@ def test_in_llm_errors_name_the_problem():
     with get_method("fastv")(model), pytest.raises(RuntimeError, match="already attached"), \
             get_method("pyramiddrop")(model):
         pass
+
+
+# --- each rule on a small hand-computed example ------------------------------------------------
+
+
+class HandContext:
+    """Builds a LayerContext for one prompt ``[<s>, v0, v1, v2, v3, t0, t1]`` (4 vision tokens) whose
+    ``attention(rows, at)`` returns given probabilities and records what was asked."""
+
+    @staticmethod
+    def make(layer, probs, embeds=None):
+        from covipal.pruning.layers import LayerContext
+
+        class Ctx(LayerContext):
+            def attention(self, rows, at):
+                self.asked.append((rows.tolist(), at))
+                return probs  # (B, H, n_q, L)
+
+        L = 7
+        vision = torch.tensor([[False, True, True, True, True, False, False]])
+        real = torch.ones(1, L, dtype=torch.bool)
+        embeds = torch.zeros(1, L, 2) if embeds is None else embeds
+        ctx = Ctx(layer=layer, stage=0, hidden=torch.zeros(1, L, 2), index=torch.arange(L)[None], real=real,
+                  vision=vision, prompt_real=real, prompt_vision=vision, embeds=embeds,
+                  input_ids=torch.zeros(1, L, dtype=torch.long), model=None, llm=None, layer_kwargs={})
+        ctx.asked = []
+        return ctx
+
+
+def kept_by(pruner, ctx, k):
+    from covipal.pruning.base import top_k
+
+    return top_k(pruner.score_at(ctx), torch.tensor([4]), [k])[0].tolist()
+
+
+def test_fastv_rule_by_hand():
+    # last token (column 6) attends to v0..v3 with heads [.5 .1 .2 .2] and [.1 .1 .6 .2]: mean [.3 .1 .4 .2]
+    probs = torch.zeros(1, 2, 1, 7)
+    probs[0, 0, 0, 1:5] = torch.tensor([0.5, 0.1, 0.2, 0.2])
+    probs[0, 1, 0, 1:5] = torch.tensor([0.1, 0.1, 0.6, 0.2])
+    ctx = HandContext.make(layer=2, probs=probs)
+    pruner = get_method("fastv", reserve_ratio=0.5, layer=2)
+    assert kept_by(pruner, ctx, 2) == [0, 2]  # v2 (.4) and v0 (.3)
+    assert ctx.asked == [([[6]], 1)]  # the last prompt token's row, at layer K - 1
+    assert pruner.schedule(4, 4) == [(2, 2)]  # from layer K = 2 on, ceil(0.5 * 4) tokens
+
+
+def test_pyramiddrop_rule_by_hand():
+    probs = torch.zeros(1, 2, 1, 7)
+    probs[0, 0, 0, 1:5] = torch.tensor([0.1, 0.4, 0.1, 0.2])
+    probs[0, 1, 0, 1:5] = torch.tensor([0.1, 0.4, 0.3, 0.0])  # mean [.1 .4 .2 .1]
+    ctx = HandContext.make(layer=8, probs=probs)
+    pruner = get_method("pyramiddrop", lam=0.5)
+    assert kept_by(pruner, ctx, 2) == [1, 2]
+    assert ctx.asked == [([[6]], 8)]  # the last token's row, recomputed at the stage layer itself
+    assert pruner.schedule(8, 32) == [(8, 4), (16, 2), (24, 1)]  # lambda = 0.5 at layers 8, 16, 24 of 32
+
+
+def test_sparsevlm_rule_by_hand():
+    # raters: v . t is 2 for t0 and 0 for t1 for every vision token, softmax over text [.88 .12]: only t0 is
+    # above the mean. t0's attention (column 5) over v0..v3, heads [.1 .6 .3 .0] and [.1 .2 .3 .4]: mean [.1 .4 .3 .2]
+    embeds = torch.tensor([[[0.0, 0.0], [1, 0], [1, 0], [1, 0], [1, 0], [2, 0], [0, 0]]])
+    probs = torch.zeros(1, 2, 1, 7)
+    probs[0, 0, 0, 1:5] = torch.tensor([0.1, 0.6, 0.3, 0.0])
+    probs[0, 1, 0, 1:5] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    ctx = HandContext.make(layer=3, probs=probs, embeds=embeds)
+    pruner = get_method("sparsevlm", reserve_ratio=0.5)
+    assert kept_by(pruner, ctx, 2) == [1, 2]
+    assert ctx.asked == [([[5]], 2)]  # the raters' rows, at the pruning layer l; layer l + 1 sees the result
+    assert pruner.stages(32) == [3, 7, 16]  # pruning layers 2, 6, 15 of 32
+
+
+def test_visionzip_rule_by_hand():
+    from torch import nn
+
+    from covipal.pruning.visionzip import cls_attention
+
+    attn = nn.Module()
+    attn.q_proj, attn.k_proj, attn.head_dim, attn.scale = nn.Identity(), nn.Identity(), 1, 1.0  # 2 heads of size 1
+    hidden = torch.tensor([[[1.0, 0.0], [1, 0], [0, 0], [2, 0]]])  # [CLS], p0, p1, p2
+    # head 0: [CLS] logits [1, 1, 0, 2]; head 1: query 0, uniform 1/4; summed over heads
+    e = [math.exp(v) for v in (1, 1, 0, 2)]
+    want = torch.tensor([[x / sum(e) + 0.25 for x in e]])
+    torch.testing.assert_close(cls_attention(attn, hidden), want)
+    assert want[0, 1:].topk(2).indices.sort().values.tolist() == [0, 2]  # dominant patches p0 and p2

@@ -79,7 +79,7 @@ def test_answers_and_relevant_cells_match_the_pixels(world, lookup, split):
         assert {tuple(t) for t in row["relevant"]} == relevant, row["question"]
         assert sum(len(f) for f in frames) == row["digits"]
         for turn in row["follow_ups"]:
-            assert solve(turn["question"], frames)[0] == turn["answer"], turn["question"]
+            assert solve(turn["question"], frames) == (turn["answer"], {tuple(t) for t in turn["relevant"]}), turn["question"]
     if split == "train":
         assert sum(len(r["follow_ups"]) for r in world[split]) > 5 * len(world[split])
     else:

@@ -315,3 +315,25 @@ def eager_attentions(family: str, batch: dict, layers: int):
     model.set_attn_implementation("eager")
     with torch.no_grad():
         return model(**batch, output_attentions=True).attentions
+
+
+PROCESSOR_WORDS = ["what", "colour", "is", "the", "square", "red", "blue", "yes", "no", "two"]
+
+
+def tiny_processor():
+    """A LlavaProcessor for tests/tiny_lvlms.py's llava: 16x16 pictures in 4x4 patches (16 vision tokens)
+    and a word-level tokenizer whose ids match the tiny model's (pad 0, bos 1, <image> 90, 96 words)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = ["<pad>", "<s>", "</s>", "<unk>"] + PROCESSOR_WORDS
+    vocab += [f"w{i}" for i in range(IMAGE - len(vocab))] + ["<image>"]
+    vocab += [f"x{i}" for i in range(VOCAB - len(vocab))]
+    assert vocab.index("<image>") == IMAGE and vocab.index("<pad>") == PAD and len(vocab) == VOCAB
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)

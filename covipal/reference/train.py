@@ -10,6 +10,14 @@
    projector and the Llama decoder learn the answer words of multi-turn conversations
    about each training scene, with a :class:`Curriculum` that admits scenes with more
    digits as the model masters fewer (from scratch on full scenes it stays at chance).
+3. **Grounding.** From scratch, the LLM sits on a long plateau before it learns to match a
+   question word to the vision token holding that digit or cell. Head 0 of decoder layer
+   ``grounding_layer`` is therefore supervised, at each question's last word, to put its
+   attention on the question's ground-truth relevant cells (attention supervision, as in
+   Qiao et al., AAAI 2018, "Exploring Human-like Attention Supervision in VQA"):
+   loss ``-log(sum of its attention on the relevant vision tokens)``, added with weight
+   ``grounding_weight``. The other heads and layers stay free; pruning methods that read
+   the LLM's attention see a model that grounds its questions, as a pretrained LVLM does.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from tqdm.auto import tqdm
 
 from covipal.config import BaseTraining, DataConfig
 from covipal.reference.processor import ReferenceProcessor
+from covipal.training.targets import rows_attention
 from covipal.world.scenes import COLOURS, DIGITS, empty_frame, fill, scan_pools
 from covipal.world.render import render_frame
 
@@ -66,11 +75,12 @@ def warm_up_tower(model, processor: ReferenceProcessor, data: DataConfig, cfg: B
     """Train the vision tower on per-cell and [CLS] labels; returns final per-head accuracies."""
     tower = model.model.vision_tower
     hidden = tower.config.hidden_size
+    device = model.device
     side = processor.image_px // 8
     heads = nn.ModuleDict({"digit": nn.Linear(hidden, 11), "colour": nn.Linear(hidden, 5),
                            "row": nn.Linear(hidden, side), "col": nn.Linear(hidden, side),
                            "right": nn.Linear(hidden, 11), "digit_colour": nn.Linear(hidden, 55),
-                           "digit_right": nn.Linear(hidden, 121), "present": nn.Linear(hidden, 10)})
+                           "digit_right": nn.Linear(hidden, 121), "present": nn.Linear(hidden, 10)}).to(device)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.warmup_lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng([cfg.seed, 1])
@@ -79,7 +89,7 @@ def warm_up_tower(model, processor: ReferenceProcessor, data: DataConfig, cfg: B
     acc = {}
     tower.train()
     for step in tqdm(range(cfg.warmup_steps), desc="tower warm-up", mininterval=5):
-        pixels, cells, present = _warmup_batch(rng, pool, processor, data, 64)
+        pixels, cells, present = (t.to(device) for t in _warmup_batch(rng, pool, processor, data, 64))
         h = tower(pixels, output_hidden_states=True).hidden_states[-1]  # (B, 1 + n_cells, hidden)
         logits = {k: heads[k](h[:, 1:]) for k in ("digit", "colour", "row", "col", "right", "digit_colour", "digit_right")}
         loss = sum(ce(logits[k].flatten(0, 1), cells[..., i].flatten()) for i, k in enumerate(logits))
@@ -102,7 +112,8 @@ def warm_up_tower(model, processor: ReferenceProcessor, data: DataConfig, cfg: B
 class EncodedSplit:
     """A split with its frozen tower features computed once.
 
-    ``features[i]``: (n_pictures_i, n_tokens, tower_hidden) float16 for row i.
+    ``features[i]``: (n_pictures_i, n_tokens, tower_hidden) float16 for row i;
+    ``rows[i]`` holds the row's other columns plus ``n_frames``.
     """
 
     def __init__(self, model, processor: ReferenceProcessor, split, batch: int = 256):
@@ -113,10 +124,13 @@ class EncodedSplit:
         for start in tqdm(range(0, len(split), batch), desc="tower features", mininterval=5):
             chunk = images[start:start + batch]["images"]
             pics = [processor.pictures([np.asarray(im.convert("RGB")) for im in frames]) for frames in chunk]
+            for j, frames in enumerate(chunk):
+                self.rows[start + j]["n_frames"] = len(frames)
             counts = [len(p) for p in pics]
             with torch.no_grad():
-                h = tower(torch.from_numpy(np.concatenate(pics)), output_hidden_states=True).hidden_states[-1][:, 1:]
-            self.features.extend(h.to(torch.float16).split(counts))
+                pixels = torch.from_numpy(np.concatenate(pics)).to(model.device)
+                h = tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
+            self.features.extend(h.to(torch.float16).cpu().split(counts))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -137,9 +151,64 @@ def batch_inputs(model, processor: ReferenceProcessor, data: EncodedSplit, idx, 
         inputs = processor.conversation_inputs(turns, n_pictures)
     else:
         inputs = processor.text_inputs([r["question"] for r in rows], n_pictures)
-    projected = model.model.multi_modal_projector(torch.cat([data.features[i] for i in idx]).float())
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    projected = model.model.multi_modal_projector(torch.cat([data.features[i] for i in idx]).to(model.device).float())
     inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
     return inputs
+
+
+def grounding_targets(processor: ReferenceProcessor, rows: list[dict], inputs: dict):
+    """Where each training turn asks and which vision tokens it is about.
+
+    Returns ``queries`` (B, T) long: position of each turn's last question word (the token
+    that predicts the answer; padded turns repeat the last one), and ``relevant`` (B, T, L)
+    bool: the input positions of that turn's relevant cells (all False where it has none,
+    e.g. "is there a 3" when there is none, and on padded turns).
+    """
+    labels, ids = inputs["labels"].cpu(), inputs["input_ids"].cpu()
+    B, L = ids.shape
+    asks = [(labels[j] != -100).nonzero()[:, 0] - 1 for j in range(B)]
+    T = max(len(a) for a in asks)
+    queries = torch.stack([torch.cat([a, a[-1:].expand(T - len(a))]) for a in asks])
+    relevant = torch.zeros(B, T, L, dtype=torch.bool)
+    for j, row in enumerate(rows):
+        vision = (ids[j] == processor.image_token_id).nonzero()[:, 0]
+        turns = [row["relevant"]] + [t.get("relevant") or [] for t in row.get("follow_ups") or []]
+        for t, cells in enumerate(turns[:len(asks[j])]):
+            for f, r, c in cells:
+                relevant[j, t, vision[processor.token_index(f, r, c, row["n_frames"])]] = True
+    return queries, relevant
+
+
+class AttentionRows:
+    """Attention probabilities of chosen query rows at one decoder layer, with gradients.
+
+    Set ``rows`` (B, n_q) before a forward; read ``probs`` (B, H, n_q, L) after it. The layer
+    itself still runs its own (SDPA) attention; the rows are recomputed by
+    :func:`covipal.training.targets.rows_attention`.
+    """
+
+    def __init__(self, model, layer: int):
+        self.rows, self.probs = None, None
+        attn = model.model.language_model.layers[layer].self_attn
+        self._handle = attn.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        if self.rows is not None:
+            self.probs = rows_attention(module, args, kwargs, self.rows)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def grounding_loss(probs: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """``-log`` of head 0's attention mass on the relevant tokens, averaged over the turns that
+    have any: probs (B, H, T, L), relevant (B, T, L) bool -> scalar."""
+    mass = (probs[:, 0] * relevant).sum(-1)  # (B, T)
+    has = relevant.any(-1)
+    if not has.any():
+        return probs.sum() * 0.0
+    return -torch.log(mass[has] + 1e-6).mean()
 
 
 def _difficulty(rows: list[dict], data: DataConfig) -> np.ndarray:
@@ -156,8 +225,9 @@ class Curriculum:
 
     The level (0 = fewest digits, 1 = most) rises by ``curriculum_increment`` whenever
     the running training accuracy reaches ``curriculum_threshold``, so the model waits out
-    its plateau on easy scenes; from half of the steps on, it is pushed linearly to reach
-    1 at ``curriculum_deadline`` of the steps, so the model always ends on full scenes.
+    its plateau on easy scenes; from half of ``curriculum_deadline`` on, it is pushed
+    linearly to reach 1 at ``curriculum_deadline`` of the steps, so the model always ends
+    on full scenes.
     """
 
     def __init__(self, cfg: BaseTraining):
@@ -198,6 +268,7 @@ def train_llm(model, processor: ReferenceProcessor, train: EncodedSplit, val: En
     by_modality = [m for m in by_modality if (modalities == m).any()]
     rng = np.random.default_rng([cfg.seed, 2])
     curriculum = Curriculum(cfg)
+    probe = AttentionRows(model, cfg.grounding_layer) if cfg.grounding_weight > 0 else None
     history = []
     model.train()
     t0 = time.time()
@@ -207,20 +278,29 @@ def train_llm(model, processor: ReferenceProcessor, train: EncodedSplit, val: En
         allowed = np.flatnonzero((difficulty <= level + 1e-9) & (modalities == modality))
         idx = rng.choice(allowed, size=cfg.batch_size, replace=len(allowed) < cfg.batch_size)
         inputs = batch_inputs(model, processor, train, idx, train=True)
+        if probe is not None:
+            probe.rows, relevant = (t.to(model.device) for t in
+                                    grounding_targets(processor, [train.rows[i] for i in idx], inputs))
         out = model(**inputs)
         loss = out.loss
+        grounding = grounding_loss(probe.probs, relevant) if probe is not None else torch.zeros(())
         curriculum.update(_answer_accuracy(out.logits, inputs["labels"]))
         opt.zero_grad()
-        loss.backward()
+        (loss + cfg.grounding_weight * grounding).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if (step + 1) % max(cfg.steps // 6, 1) == 0 or step + 1 == cfg.steps:
+            if probe is not None:
+                probe.rows = None  # evaluation needs no attention rows
             acc = accuracy(model, processor, val, cfg.eval_batch_size)
-            history.append({"step": step + 1, "loss": loss.item(), "minutes": (time.time() - t0) / 60, **acc})
-            log(f"step {step + 1}: loss {loss.item():.3f} level {level:.2f} train {curriculum.ema:.2f} val " +
-                " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+            history.append({"step": step + 1, "loss": loss.item(), "grounding": grounding.item(),
+                            "minutes": (time.time() - t0) / 60, **acc})
+            log(f"step {step + 1}: loss {loss.item():.3f} grounding {grounding.item():.3f} level {level:.2f} "
+                f"train {curriculum.ema:.2f} val " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
             model.train()
+    if probe is not None:
+        probe.remove()
     model.eval()
     return history
 

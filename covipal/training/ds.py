@@ -2,7 +2,10 @@
 
 Only the PPM goes into :func:`initialize` (the LVLM stays outside, frozen). On a machine
 without CUDA the engine runs on DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``,
-gloo, fp32, ``torch_adam``); on a GPU it uses NCCL and bf16 (``precision="auto"``).
+gloo, fp32); on a GPU it uses NCCL and bf16 (``precision="auto"``). The optimizer is
+torch's own AdamW (``torch_adam``) on both: DeepSpeed's fused Adam is a JIT-built CUDA op
+that needs nvcc at run time and failed to build on an H200 host whose
+``TORCH_CUDA_ARCH_LIST`` names ``9.0a`` (checked with ``scripts/gpu_training_check.py``).
 Without a launcher, :func:`single_process_env` fills ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` where they are absent; under
 ``deepspeed``/``torchrun`` the launcher's values are kept.
@@ -90,7 +93,7 @@ class DeepSpeedConfig:
             "gradient_clipping": self.gradient_clipping,
             "optimizer": {"type": "AdamW", "params": {
                 "lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay,
-                **({} if on_gpu else {"torch_adam": True})}},  # no JIT-built fused Adam on the CPU
+                "torch_adam": True}},  # no JIT-built fused Adam (see the module docstring)
             "zero_optimization": {"stage": self.zero_stage, "overlap_comm": False, "contiguous_gradients": True},
             "bf16": {"enabled": self.bf16(on_gpu)},
             "fp16": {"enabled": False},

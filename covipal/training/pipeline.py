@@ -122,18 +122,18 @@ def _device():
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def _load_base(base_dir: Path):
-    """The frozen base LVLM on this process's device and the inputs maker of its rows."""
+def load_frozen_base(base_dir: Path):
+    """The frozen base LVLM on this process's device and the inputs maker of its rows:
+    :class:`~covipal.training.data.ReferenceInputs` for the reference model,
+    :class:`~covipal.training.hf_inputs.HFInputs` (its own processor and chat template) for
+    a pretrained one."""
     from covipal.base_model import PRETRAINED_RECORD, load_base
     from covipal.training.data import ReferenceInputs
+    from covipal.training.hf_inputs import HFInputs
 
-    if (base_dir / PRETRAINED_RECORD).exists():
-        raise NotImplementedError(
-            "PPM training turns data-set rows into model inputs with the reference LVLM's processor "
-            "(covipal.training.data.ReferenceInputs); a pretrained model's chat template is not supported yet. "
-            "Set model.source: reference, or add an inputs maker for that family")
     model, processor = load_base(base_dir)
-    return model.to(_device()).requires_grad_(False).eval(), ReferenceInputs(processor)
+    inputs = HFInputs(processor) if (base_dir / PRETRAINED_RECORD).exists() else ReferenceInputs(processor)
+    return model.to(_device()).requires_grad_(False).eval(), inputs
 
 
 def _rows(split, n: int | None):
@@ -175,7 +175,7 @@ def make_targets(params: Params, data_dir: Path, base_dir: Path, out_dir: Path, 
         if resumable(out_dir, key, log):
             log(f"resuming the target shards in {out_dir}")
     barrier()
-    model, inputs = _load_base(base_dir)
+    model, inputs = load_frozen_base(base_dir)
     ds = load_from_disk(str(data_dir))
     out = {}
     for split in SPLITS:  # with several processes each writes every world-th shard
@@ -260,7 +260,7 @@ def run_stage2(params: Params, data_dir: Path, base_dir: Path, stage1_dir: Path,
             log(f"resuming stage 2 from {checkpoint_dir}")
     barrier()
     torch.manual_seed(ds_cfg.seed)
-    model, inputs = _load_base(base_dir)
+    model, inputs = load_frozen_base(base_dir)
     data = load_from_disk(str(data_dir))
     train = _rows(data["train"], params.stage2.rows.train)
     if world > 1:  # this rank's rows; the same count on every rank

@@ -19,7 +19,10 @@ The bias is applied by replacing the LLM's 2-D attention mask with a 4-D float m
 (B, 1, L, L): 0 where the causal and padding mask allow, the dtype's minimum elsewhere,
 plus ``log m_k`` on the columns of vision keys. transformers passes a 4-D mask through
 unchanged, so SDPA still runs. The multimodal model computes its positions (M-RoPE
-included) from the 2-D mask first; only the language model sees the 4-D one.
+included) from the 2-D mask first; only the language model sees the 4-D one. On CUDA,
+while gradients flow into the mask, SDPA is held to its math kernel: the backward of
+the memory-efficient kernel with a learned bias failed on an H200 ("LSE is not
+correctly aligned"; ``scripts/gpu_training_check.py`` checks this path).
 
 Loss = LM loss on the answer tokens + ``lambda_bin * mean(m (1 - m))`` (pushes each
 retention towards 0 or 1) + ``lambda_ratio * mean_b (mean_k m - r)^2`` (keeps the kept
@@ -30,13 +33,14 @@ left out of ``H_t``, as at inference.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from covipal.pruning.adapters import get_adapter
 from covipal.pruning.base import PruningContext, n_keep
@@ -174,7 +178,9 @@ def soft_forward(model: nn.Module, score_fn: ScoreFn, inputs: dict, cfg: Stage2C
     """
     labels = inputs.get("labels")
     exclude = labels != -100 if labels is not None else None
-    with _soft_hooks(model, score_fn, cfg, exclude) as state:
+    on_cuda = next(model.parameters()).is_cuda
+    kernels = sdpa_kernel(SDPBackend.MATH) if on_cuda and torch.is_grad_enabled() else nullcontext()
+    with _soft_hooks(model, score_fn, cfg, exclude) as state, kernels:
         output = model(**inputs, use_cache=False)
     return SoftOutput(output, state["scores"], state["retention"], state["vision_mask"])
 

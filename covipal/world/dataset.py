@@ -10,7 +10,7 @@ Schema (one row per question):
 ``question_type``         ``position``, ``colour``, ``presence``, ``count``, ``relation``
 ``relevant``              ground-truth relevant cells as ``[frame, row, col]`` triples
 ``digits``                how many digits the scene holds (its difficulty)
-``follow_ups``            more ``{question, answer}`` turns about the same scene (training
+``follow_ups``            more ``{question, answer, relevant}`` turns about the same scene (training
                           rows only, ``train_turns - 1`` of them; empty elsewhere)
 ========================  ==========================================================
 
@@ -48,7 +48,8 @@ def features():
         "question_type": Value("string"),
         "relevant": List(List(Value("int32"))),
         "digits": Value("int32"),
-        "follow_ups": List({"question": Value("string"), "answer": Value("string")}),
+        "follow_ups": List({"question": Value("string"), "answer": Value("string"),
+                            "relevant": List(List(Value("int32")))}),
     })
 
 
@@ -67,7 +68,7 @@ def make_sample(cfg: DataConfig, split: str, index: int, pools=None) -> dict:
     for _ in range(cfg.train_turns - 1 if split == "train" else 0):
         turn = ask(rng, s.frames, types[int(rng.integers(len(types)))])
         if turn is not None:
-            follow_ups.append({"question": turn[0], "answer": turn[1]})
+            follow_ups.append({"question": turn[0], "answer": turn[1], "relevant": [list(t) for t in turn[2]]})
     return {
         "images": [render_frame(f) for f in s.frames],
         "modality": "video" if is_video else "image",

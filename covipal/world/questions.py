@@ -153,36 +153,37 @@ def _occupied(frames: list[Frame]) -> list[tuple[int, int, int]]:
             for c, cell in enumerate(row) if cell is not None]
 
 
-def ask(rng: np.random.Generator, frames: list[Frame], qtype: str) -> tuple[str, str] | None:
-    """A question of ``qtype`` about the given scene and its answer, or None if the scene has
-    no digit the question could be about (e.g. no unique digit for a colour lookup)."""
+def ask(rng: np.random.Generator, frames: list[Frame], qtype: str) -> tuple[str, str, list] | None:
+    """A question of ``qtype`` about the given scene, its answer and its relevant cells, or None
+    if the scene has no digit the question could be about (e.g. no unique digit for a colour
+    lookup)."""
     occupied = _occupied(frames)
     unique = [d for d in DIGITS if len(cells_of(frames, d)) == 1]
     if qtype == "position" and len(frames) == 1 and occupied:
         f, r, c = occupied[rng.integers(len(occupied))]
-        return f"which digit is at {cell_name(r, c)}", str(frames[f][r][c].digit)
+        return f"which digit is at {cell_name(r, c)}", str(frames[f][r][c].digit), [(f, r, c)]
     if qtype == "colour" and unique:
         d = unique[rng.integers(len(unique))]
         f, r, c = cells_of(frames, d)[0]
-        return f"what colour is the {d}", frames[f][r][c].colour
+        return f"what colour is the {d}", frames[f][r][c].colour, [(f, r, c)]
     if qtype == "presence":
         present = sorted({frames[f][r][c].digit for f, r, c in occupied})
         absent = [d for d in DIGITS if d not in present]
         pick_present = present and (not absent or rng.random() < 0.5)
         options = present if pick_present else absent
         d = options[rng.integers(len(options))]
-        return f"is there a {d}", "yes" if pick_present else "no"
+        return f"is there a {d}", "yes" if pick_present else "no", cells_of(frames, d)
     if qtype == "count":
         d = int(rng.integers(10))
         where = cells_of(frames, d)
         if len(frames) == 1:
-            return f"how many {d}", str(len(where))
-        return f"in how many frames is there a {d}", str(len({f for f, _, _ in where}))
+            return f"how many {d}", str(len(where)), where
+        return f"in how many frames is there a {d}", str(len({f for f, _, _ in where})), where
     if qtype == "relation":
         options = [d for d in unique for f, r, c in cells_of(frames, d)
                    if c + 1 < len(frames[f][r]) and frames[f][r][c + 1] is not None]
         if options:
             d = options[rng.integers(len(options))]
             f, r, c = cells_of(frames, d)[0]
-            return f"what is right of the {d}", str(frames[f][r][c + 1].digit)
+            return f"what is right of the {d}", str(frames[f][r][c + 1].digit), [(f, r, c), (f, r, c + 1)]
     return None

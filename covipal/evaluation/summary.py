@@ -1,0 +1,108 @@
+"""Turn per-row outcomes into the stage's metrics, plot table and Markdown report."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from covipal.evaluation.bootstrap import mean_interval
+from covipal.evaluation.harness import Results
+
+ALL = "all"
+CSV_FIELDS = ["method", "ratio", "modality", "question_type", "accuracy", "ci_low", "ci_high", "rows",
+              "tokens_full", "tokens_target", "tokens_entering", "tokens_layer_average", "relevant_kept"]
+OVER = 1.0  # a layer average more than this above the target is flagged: the method cannot reach the budget
+
+
+def ratio_key(ratio: float) -> str:
+    """``0.25 -> "r0.25"``: the key of a ratio in ``metrics/evaluate.json``."""
+    return f"r{ratio:g}"
+
+
+def _nanmean(x: np.ndarray) -> float | None:
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if len(x) else None
+
+
+def table(results: dict[tuple[str, float], Results], rows: list[dict], n_bootstrap: int, confidence: float,
+          seed: int) -> list[dict]:
+    """One record per (method, ratio, modality, question type or ``"all"``): :data:`CSV_FIELDS`.
+
+    ``accuracy`` with its bootstrap interval; ``tokens_*`` are the vision tokens per row
+    (unpruned, the budget ``ceil(r n_v)``, entering the LLM, averaged over layers) and
+    ``relevant_kept`` the share of relevant cells kept, averaged over the group's rows
+    that have relevant cells.
+    """
+    from covipal.pruning import n_keep
+
+    modality = np.array([r["modality"] for r in rows])
+    qtype = np.array([r["question_type"] for r in rows])
+    out = []
+    for (method, ratio), res in results.items():
+        for m in sorted(set(modality)):
+            for t in [ALL] + sorted(set(qtype[modality == m])):
+                sel = (modality == m) & ((qtype == t) if t != ALL else True)
+                ci = mean_interval(res.correct[sel], n_bootstrap, confidence, seed)
+                out.append({"method": method, "ratio": ratio, "modality": m, "question_type": t,
+                            "accuracy": ci.mean, "ci_low": ci.low, "ci_high": ci.high, "rows": int(sel.sum()),
+                            "tokens_full": float(res.n_vision[sel].mean()),
+                            "tokens_target": float(np.mean([n_keep(int(v), ratio) for v in res.n_vision[sel]])),
+                            "tokens_entering": float(res.entering[sel].mean()),
+                            "tokens_layer_average": float(res.layer_average[sel].mean()),
+                            "relevant_kept": _nanmean(res.relevant_kept[sel])})
+    return out
+
+
+def metrics(records: list[dict]) -> dict:
+    """``{method: {"r0.25": {modality: {accuracy, ci_low, ci_high, rows, tokens_*, relevant_kept,
+    by_type: {type: accuracy}}}}}`` from :func:`table`'s records."""
+    out: dict = {}
+    for rec in records:
+        cell = out.setdefault(rec["method"], {}).setdefault(ratio_key(rec["ratio"]), {}).setdefault(rec["modality"], {})
+        if rec["question_type"] == ALL:
+            cell.update({k: rec[k] for k in CSV_FIELDS[4:]})
+        else:
+            cell.setdefault("by_type", {})[rec["question_type"]] = rec["accuracy"]
+    return out
+
+
+def over_budget(rec: dict) -> bool:
+    """Whether a record's layer-averaged budget exceeds its target by more than rounding."""
+    return rec["tokens_layer_average"] > rec["tokens_target"] + OVER
+
+
+def _fmt(rec: dict) -> str:
+    mark = " †" if over_budget(rec) else ""
+    if rec["ci_low"] is None:
+        return f"{rec['accuracy']:.3f}{mark}"
+    return f"{rec['accuracy']:.3f} [{rec['ci_low']:.3f}, {rec['ci_high']:.3f}]{mark}"
+
+
+def report(records: list[dict], confidence: float, title: str = "Accuracy at equal budgets") -> str:
+    """Markdown: per modality, accuracy [interval] of each method at each ratio, then the budgets
+    (entering / layer average) and the relevant cells kept."""
+    ratios = sorted({r["ratio"] for r in records}, reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    allrec = {(r["method"], r["ratio"], r["modality"]): r for r in records if r["question_type"] == ALL}
+    lines = [f"# {title}", "",
+             f"Test-split accuracy (greedy answer word) with {confidence:.0%} bootstrap intervals. Budget: vision "
+             "tokens per row entering the LLM / averaged over its layers. Relevant kept: share of the "
+             "ground-truth relevant cells among the vision tokens kept (rows with relevant cells).",
+             "", "† more vision tokens averaged over layers than the budget ceil(r n_v): an in-LLM method whose "
+             "first layers, which see every token, already cost more (it keeps one token after them)."]
+    for modality in sorted({r["modality"] for r in records}):
+        some = next(r for r in records if r["modality"] == modality and r["question_type"] == ALL)
+        lines += ["", f"## {modality} ({some['rows']} rows, {some['tokens_full']:.0f} vision tokens per row)", "",
+                  "| method | " + " | ".join(f"r = {r:g}" for r in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        for m in methods:
+            lines.append(f"| {m} | " + " | ".join(_fmt(allrec[(m, r, modality)]) for r in ratios) + " |")
+        lines += ["", "| budget (entering / layer avg), relevant kept | "
+                  + " | ".join(f"r = {r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+        for m in methods:
+            cells = []
+            for r in ratios:
+                rec = allrec[(m, r, modality)]
+                kept = "–" if rec["relevant_kept"] is None else f"{rec['relevant_kept']:.2f}"
+                cells.append(f"{rec['tokens_entering']:.1f} / {rec['tokens_layer_average']:.1f}, {kept}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

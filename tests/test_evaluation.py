@@ -1,0 +1,186 @@
+"""The evaluate stage's pieces: bootstrap intervals, relevant cells, the harness, summaries, method checks."""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from covipal.config import ConfigError, EvaluateConfig
+from covipal.evaluation.bootstrap import mean_interval
+from covipal.evaluation.cells import kept_tokens, relevant_share, relevant_tokens
+from covipal.evaluation.harness import Results, evaluate_methods
+from covipal.evaluation.stage import build_methods
+from covipal.evaluation.summary import metrics, report, table
+from covipal.pruning import Pruner, n_keep
+from covipal.training.data import ReferenceInputs
+
+# --- bootstrap ----------------------------------------------------------------------------------
+
+
+def test_bootstrap_interval_of_a_known_proportion():
+    x = np.r_[np.ones(300), np.zeros(700)]  # p = 0.3, n = 1000: normal approximation 0.3 +- 1.96 sqrt(.21 / 1000)
+    ci = mean_interval(x, n_resamples=4000, confidence=0.95, seed=0)
+    half = 1.96 * math.sqrt(0.3 * 0.7 / 1000)
+    assert ci.mean == 0.3
+    assert abs(ci.low - (0.3 - half)) < 0.006 and abs(ci.high - (0.3 + half)) < 0.006
+    narrow = mean_interval(x, n_resamples=4000, confidence=0.5, seed=0)
+    assert ci.low < narrow.low < 0.3 < narrow.high < ci.high
+    assert mean_interval(x, n_resamples=4000, seed=0) == ci  # seeded
+
+
+def test_bootstrap_degenerate_cases():
+    assert mean_interval(np.ones(20)) == (ci := mean_interval(np.ones(20))) and (ci.low, ci.high) == (1.0, 1.0)
+    one = mean_interval([0.0])
+    assert one.mean == 0.0 and one.low is None and one.high is None
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        mean_interval([])
+
+
+# --- relevant cells -----------------------------------------------------------------------------
+
+
+def test_relevant_cells_map_to_vision_tokens(reference):
+    _, processor, _ = reference
+    # image (8x8 cells): cell (1, 2) is token 1 * 8 + 2
+    assert relevant_tokens([[0, 1, 2], [0, 7, 7]], 1, processor) == [10, 63]
+    # 8-frame video, 4x4-cell frames packed 2x2 per 8x8 picture: frame 5 is picture 1, top-right quadrant,
+    # so its cell (1, 2) is row 1, column 4 + 2 of picture 1: 64 + 1 * 8 + 6
+    assert relevant_tokens([[5, 1, 2]], 8, processor) == [78]
+    # frame 2 is picture 0, bottom-left quadrant: cell (3, 0) -> row 4 + 3, column 0
+    assert relevant_tokens([[2, 3, 0], [2, 3, 0]], 8, processor) == [56]
+
+
+def test_kept_positions_to_tokens_and_share():
+    ids = torch.tensor([0, 0, 1, 3, 3, 3, 3, 9])  # left padding, <s>, four vision tokens (id 3), a word
+    assert kept_tokens(torch.tensor([3, 5]), ids, image_token_id=3) == [0, 2]
+    assert kept_tokens(torch.tensor([], dtype=torch.long), ids, 3) == []
+    with pytest.raises(ValueError, match="not vision tokens"):
+        kept_tokens(torch.tensor([7]), ids, 3)
+    assert relevant_share([0, 2], [2, 3]) == 0.5
+    assert relevant_share([0, 2], [0, 2]) == 1.0
+    assert relevant_share([0], []) is None  # e.g. "is there a 7": no
+
+
+# --- harness ------------------------------------------------------------------------------------
+
+
+@dataclass
+class KeepFirst(Pruner):
+    """Keeps each sample's first ceil(r n_v) vision tokens (not registered: a hand-checkable pruner)."""
+
+    def score(self, ctx):
+        return -torch.arange(ctx.vision_mask.shape[1], dtype=torch.float).expand(ctx.vision_mask.shape)
+
+
+def test_harness_records_hits_budgets_and_relevant_cells(reference):
+    model, processor, rows = reference
+    inputs = ReferenceInputs(processor)
+    out = evaluate_methods(model, inputs, rows, lambda m, r: KeepFirst(reserve_ratio=r), ["first"],
+                           [1.0, 0.5], batch_size=4, progress=False)
+    with torch.no_grad():
+        prompt = inputs.prompt(rows)
+        full = model(**prompt).logits[:, -1].argmax(-1) == inputs.answers(rows)
+    assert out[("first", 1.0)].correct.tolist() == full.tolist()
+    half = out[("first", 0.5)]
+    n_v = [64 if r["modality"] == "image" else 128 for r in rows]
+    assert half.n_vision.tolist() == n_v and half.entering.tolist() == [n_keep(n, 0.5) for n in n_v]
+    assert half.layer_average.tolist() == half.entering.tolist()
+    for i, r in enumerate(rows):  # by hand: a relevant token survives when its index is in the first half
+        rel = relevant_tokens(r["relevant"], len(r["images"]), processor)
+        want = np.mean([t < n_v[i] // 2 for t in rel]) if rel else np.nan
+        assert np.isclose(half.relevant_kept[i], want, equal_nan=True)
+    with KeepFirst(reserve_ratio=0.5)(model), torch.no_grad():  # the batch a row is in does not matter here
+        alone = model(**inputs.prompt(rows[:1])).logits[:, -1].argmax(-1) == inputs.answers(rows[:1])
+    assert bool(half.correct[0]) == bool(alone[0])
+
+
+def test_budgets_are_equal_across_methods_at_equal_ratio(reference):
+    """Matched on the layer average, pre-LLM and in-LLM methods cost the same vision tokens per row."""
+    from covipal.ppm import PPM, PPMConfig
+
+    model, processor, rows = reference
+    cfg = EvaluateConfig(ratios=[0.75])
+    ppm = PPM(PPMConfig(d_model=32, d_ppm=16, n_layers=1, n_heads=2))
+    make = build_methods(cfg, 2, ppm, guide_layer=1)
+    out = evaluate_methods(model, ReferenceInputs(processor), rows, make, cfg.methods, cfg.ratios, 3, progress=False)
+    target = [n_keep(n, 0.75) for n in out[("random", 0.75)].n_vision.astype(int)]
+    for m in cfg.methods:
+        assert out[(m, 0.75)].layer_average.tolist() == target, m
+        entering = out[(m, 0.75)].entering.tolist()
+        assert entering == (target if m in ("covipal", "random", "oracle", "visionzip")
+                            else out[(m, 0.75)].n_vision.tolist()), m
+
+
+# --- summaries ----------------------------------------------------------------------------------
+
+
+def synthetic():
+    rows = [{"modality": "image", "question_type": t} for t in ("colour", "colour", "count", "count")]
+    rows += [{"modality": "video", "question_type": "count"}] * 2
+    res = {("a", 1.0): Results(np.array([1, 1, 1, 0, 1, 0], bool), np.full(6, 64.0), np.full(6, 64.0),
+                               np.array([1, 1, np.nan, 1, 1, 1.0]), np.full(6, 64.0)),
+           ("a", 0.5): Results(np.array([1, 0, 0, 0, 0, 0], bool), np.full(6, 32.0), np.full(6, 32.0),
+                               np.array([0.5, 0, np.nan, 1, 0, 0.0]), np.full(6, 64.0))}
+    return rows, res
+
+
+def test_table_metrics_and_report():
+    rows, res = synthetic()
+    records = table(res, rows, n_bootstrap=200, confidence=0.95, seed=0)
+    by = {(r["method"], r["ratio"], r["modality"], r["question_type"]): r for r in records}
+    assert by[("a", 1.0, "image", "all")]["accuracy"] == 0.75 and by[("a", 1.0, "image", "count")]["accuracy"] == 0.5
+    assert by[("a", 0.5, "image", "colour")]["accuracy"] == 0.5 and by[("a", 0.5, "video", "all")]["accuracy"] == 0.0
+    assert by[("a", 0.5, "image", "all")]["relevant_kept"] == pytest.approx(0.5)  # (0.5 + 0 + 1) / 3, NaN left out
+    assert by[("a", 0.5, "image", "all")]["tokens_entering"] == 32.0 and by[("a", 0.5, "image", "all")]["rows"] == 4
+    lo, hi = by[("a", 1.0, "image", "all")]["ci_low"], by[("a", 1.0, "image", "all")]["ci_high"]
+    assert 0 <= lo <= 0.75 <= hi <= 1
+    m = metrics(records)
+    assert m["a"]["r0.5"]["image"]["accuracy"] == 0.25 and m["a"]["r1"]["image"]["by_type"] == {"colour": 1.0,
+                                                                                                "count": 0.5}
+    assert by[("a", 0.5, "image", "all")]["tokens_target"] == 32.0
+    text = report(records, 0.95)
+    assert "## image (4 rows, 64 vision tokens per row)" in text and "## video (2 rows" in text
+    assert "| a | 0.750 [" in text and "| r = 1 | r = 0.5 |" in text and "32.0 / 32.0, 0.50" in text
+    assert "†" not in text.split("\n## ")[1]
+    res[("a", 0.5)].layer_average[:] = 40.0  # 8 tokens over ceil(0.5 * 64): flagged
+    assert "0.250 [" in (flagged := report(table(res, rows, 200, 0.95, 0), 0.95)) and "] †" in flagged
+
+
+# --- method checks ------------------------------------------------------------------------------
+
+
+def test_build_methods_names_bad_settings():
+    with pytest.raises(ConfigError, match=r"evaluate.methods: unknown method\(s\) \['zip'\]"):
+        build_methods(EvaluateConfig(methods=["zip"]), 4)
+    with pytest.raises(ConfigError, match=r"evaluate.method_args: unknown method\(s\) \['fast'\]"):
+        build_methods(EvaluateConfig(method_args={"fast": {"layer": 1}}), 4)
+    with pytest.raises(ConfigError, match=r"evaluate.method_args.fastv: .*no parameters \['depth'\]"):
+        build_methods(EvaluateConfig(methods=["fastv"], method_args={"fastv": {"depth": 1}}), 4)
+    with pytest.raises(ConfigError, match=r"evaluate.method_args.fastv: .*outside the LLM's 2 decoder layers"):
+        build_methods(EvaluateConfig(methods=["fastv"], method_args={"fastv": {"layer": 2}}), 2)
+    with pytest.raises(ConfigError, match="covipal but no PPM"):
+        build_methods(EvaluateConfig(methods=["covipal"]), 4)
+    make = build_methods(EvaluateConfig(methods=["random", "fastv"], seed=7), 4)
+    assert make("random", 0.5).seed == 7 and make("fastv", 0.25).match_layer_average
+    assert make("fastv", 0.25).layer == 1 and make("fastv", 0.25).reserve_ratio == 0.25
+
+
+def test_variants_name_a_registered_method_with_their_own_arguments(tmp_path):
+    from covipal.ppm import PPM, PPMConfig
+
+    stage2, stage1 = (PPM(PPMConfig(d_model=32, d_ppm=16, n_layers=1, n_heads=2)) for _ in range(2))
+    stage1.save_pretrained(tmp_path / "models" / "stage1")
+    cfg = EvaluateConfig(methods=["covipal", "covipal_stage1"],
+                         variants={"covipal_stage1": {"method": "covipal", "ppm": "models/stage1"}})
+    make = build_methods(cfg, 4, stage2, root=tmp_path)
+    assert make("covipal", 0.25).ppm is stage2
+    variant = make("covipal_stage1", 0.125)
+    assert variant.reserve_ratio == 0.125 and variant.ppm == str(tmp_path / "models" / "stage1")
+    loaded = PPM.from_pretrained(variant.ppm)
+    torch.testing.assert_close(dict(loaded.state_dict()), dict(stage1.state_dict()))
+    with pytest.raises(ValueError, match="lack `method`"):
+        EvaluateConfig(methods=["x"], variants={"x": {"ppm": "models/stage1"}})
+    with pytest.raises(ConfigError, match=r"unknown method\(s\) \['x'\]"):
+        build_methods(EvaluateConfig(methods=["x"], variants={"x": {"method": "nope"}}), 4)
