@@ -7,7 +7,7 @@ MLflow server, and a fresh process loads the new champion through ``covipal.load
 and ``mlflow models serve`` serves it. A run with a bad parameter fails with its cause
 visible through the Prefect API (what the UI shows). Last, a drill: the MLflow server stops
 answering while stage 2 registers; the stage fails with a clear error, and its rerun
-resumes the finished training and registers the PPM exactly once. About 6 minutes on 2 cores.
+resumes the finished training and registers the PPM exactly once. 4.5-6.5 minutes on 2 cores.
 """
 
 from __future__ import annotations
