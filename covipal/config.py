@@ -345,6 +345,48 @@ class TrackingConfig:
 
 
 @dataclass(config=STRICT)
+class ScheduleConfig:
+    """When Prefect starts the retraining flow (a cron line read in ``timezone``)."""
+
+    cron: str = "0 3 * * 0"  # minute hour day-of-month month day-of-week
+    timezone: str = "UTC"  # an IANA zone name
+    active: bool = True  # False: the deployment exists but nothing fires until resumed
+
+    @model_validator(mode="after")
+    def _valid(self):
+        from datetime import datetime
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        from cronsim import CronSim, CronSimError  # a Prefect dependency, small
+
+        try:
+            CronSim(self.cron, datetime.now())
+        except CronSimError as e:
+            raise ValueError(f"cron {self.cron!r} is not a valid cron line ({e}); "
+                             "use five fields, e.g. '0 3 * * 0' (Sundays 03:00)") from None
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone {self.timezone!r} is unknown; use an IANA name such as 'UTC' "
+                             "or 'Europe/Paris'") from None
+        return self
+
+
+@dataclass(config=STRICT)
+class OpsConfig:
+    """Operations: the Prefect deployment that retrains on a schedule, and scale-out of the stages
+    that are not DeepSpeed training (see docs/operations.md). One flow run at a time is not a
+    setting: DVC cannot share a workspace."""
+
+    deployment: str = Field("covipal-retrain", min_length=1)  # Prefect deployment name
+    work_pool: str = Field("covipal", min_length=1)  # the work pool of prefect.yaml's deployment
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    stage_retries: int = Field(2, ge=0)  # Prefect retries of a failed `dvc repro <stage>`
+    retry_delay_seconds: float = Field(10.0, ge=0)
+    targets_processes: int = Field(1, ge=1)  # processes sharing the target extraction (DeepSpeed launcher)
+
+
+@dataclass(config=STRICT)
 class Params:
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -358,6 +400,7 @@ class Params:
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ops: OpsConfig = Field(default_factory=OpsConfig)
 
     def deepspeed_for(self, stage: Literal["stage1", "stage2"]) -> DeepSpeedSection:
         """The ``deepspeed`` section with ``<stage>.deepspeed``'s overrides applied (and checked)."""

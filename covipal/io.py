@@ -17,16 +17,36 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _alive(pid: str) -> bool:
+    """Whether process ``pid`` (a string from a temporary's name) still runs."""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process not yet reaped (a zombie) still answers kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 @contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write (a file or a directory).
 
     On success the temporary replaces ``path``; on an exception it is removed and the
     exception re-raised, so ``path`` keeps its previous content and no partial output
-    is left behind.
+    is left behind. A process killed outright (SIGKILL) leaves its hidden temporary
+    ``.<name>.tmp-<pid>``; the next write of ``path`` removes it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed run
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            _remove(stale)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _remove(tmp)  # a leftover from a killed run with the same pid
     try:

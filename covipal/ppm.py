@@ -33,6 +33,37 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT = "covipal-ppm"
 
 
+def file_checksums(folder: str | Path) -> dict[str, str]:
+    """SHA-256 (hex) of a PPM folder's ``config.json`` and ``model.safetensors``."""
+    import hashlib
+
+    sums = {}
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        digest = hashlib.sha256()
+        with open(Path(folder) / name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        sums[name] = digest.hexdigest()
+    return sums
+
+
+def verify_checksums(folder: str | Path, expected: dict[str, str], what: str) -> None:
+    """Raise ``ValueError`` naming the file if a PPM file's SHA-256 differs from ``expected``."""
+    try:
+        actual = file_checksums(folder)
+    except FileNotFoundError as e:
+        raise ValueError(f"{what}: PPM file missing ({e.filename}); the artifact is incomplete, "
+                         "re-register the PPM or roll back to another version") from None
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if name not in expected:
+            raise ValueError(f"{what}: no checksum recorded for {name}; re-register the PPM")
+        if actual[name] != expected[name]:
+            raise ValueError(f"{what}: {name} is corrupt or was tampered with (sha256 {actual[name][:16]}..., "
+                             f"recorded at registration {expected[name][:16]}...); refusing to load it. "
+                             "Re-register the PPM (dvc repro stage2) or roll back "
+                             "(python -m covipal.registry rollback)")
+
+
 @dataclass
 class PPMConfig:
     """Shape of a PPM.

@@ -18,8 +18,8 @@ def stage(name: str, sections: list[str], distributed: bool = False):
     """Parse ``--params``, load and check them, and open the MLflow run of stage ``name``.
 
     Yields ``(params, run)``; ``sections`` are the params.yaml sections logged with the run.
-    ``distributed``: the stage trains with DeepSpeed, and ``deepspeed.processes`` > 1 (or a
-    ``deepspeed.hostfile``) restarts this script under DeepSpeed's launcher
+    ``distributed``: the stage runs in several processes (:func:`launch_settings`): more than one
+    process (or a ``deepspeed.hostfile``) restarts this script under DeepSpeed's launcher
     (:mod:`covipal.training.launch`); this process then only waits and exits with the
     launcher's status. Under a launcher, ranks other than 0 get a run that logs nothing.
     """
@@ -31,11 +31,11 @@ def stage(name: str, sections: list[str], distributed: bool = False):
     args = parser.parse_args()
     params: Params = load_params(args.params)
     if distributed:
-        ds = params.deepspeed_for(name)
-        if needs_launcher(ds.processes, ds.hostfile):
-            hostfile = None if ds.hostfile is None else ROOT / ds.hostfile
+        processes, hostfile = launch_settings(params, name)
+        if needs_launcher(processes, hostfile):
+            hostfile = None if hostfile is None else ROOT / hostfile
             sys.exit(relaunch(Path(sys.argv[0]).resolve(), ["--params", str(Path(args.params).resolve())],
-                              ds.processes, hostfile, cwd=ROOT))
+                              processes, hostfile, cwd=ROOT))
     if not is_main():
         yield params, QuietRun()
         return
@@ -44,6 +44,16 @@ def stage(name: str, sections: list[str], distributed: bool = False):
     logged = {s: _as_dict(getattr(params, s)) for s in sections}
     with stage_run(name, logged, params.tracking.experiment, tracking_uri(params.tracking.tracking_uri, ROOT)) as run:
         yield params, run
+
+
+def launch_settings(params: Params, name: str) -> tuple[int, str | None]:
+    """Processes per host and hostfile of stage ``name``: ``ops.targets_processes`` for targets
+    (the DeepSpeed launcher splits the shards), ``deepspeed.processes`` (with the stage's overrides)
+    for the training stages; ``deepspeed.hostfile`` for both."""
+    if name == "targets":
+        return params.ops.targets_processes, params.deepspeed.hostfile
+    ds = params.deepspeed_for(name)
+    return ds.processes, ds.hostfile
 
 
 class QuietRun:

@@ -6,7 +6,7 @@ from covipal.training.pipeline import make_targets
 
 
 def main() -> None:
-    with stage("targets", ["targets"]) as (params, run):
+    with stage("targets", ["targets"], distributed=True) as (params, run):
         summary = make_targets(params, ROOT / "data" / "world", ROOT / "models" / "base", ROOT / "data" / "targets")
         publish(run, "targets", summary)
         print({split: summary[split]["rows"] for split in ("train", "validation")}, f"{summary['minutes']:.1f} min")

@@ -35,8 +35,11 @@ def sh(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A fresh project with the repository's pipeline, tiny params, git and DVC."""
-    proj = tmp_path_factory.mktemp("proj")
+    return make_project(tmp_path_factory.mktemp("proj"))
+
+
+def make_project(proj: Path) -> Path:
+    """A fresh project in ``proj`` with the repository's pipeline, tiny params, git and DVC."""
     shutil.copytree(ROOT / "pipelines", proj / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", proj)
     shutil.copytree(ROOT / "covipal", proj / "covipal", ignore=shutil.ignore_patterns("__pycache__"))

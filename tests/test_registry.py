@@ -71,4 +71,7 @@ def test_champion_moves_only_for_a_better_ppm(registry, tmp_path):
     ppm = PPM.from_pretrained(tmp_path / "d")
     with torch.no_grad():
         want = ppm(*(torch.from_numpy(x[k]) for k in ("vision", "text", "vision_mask", "text_mask"))).numpy()
-    np.testing.assert_array_equal(model.predict(x), want)
+    out = model.predict(x)
+    np.testing.assert_array_equal(out["scores"], want)
+    assert out["keep"].shape == (2, 2)  # ceil(0.25 * 5) tokens, the default reserve ratio of LINEAGE
+    np.testing.assert_array_equal(out["keep"], np.sort(np.argsort(-want, axis=1)[:, :2], axis=1))

@@ -149,3 +149,66 @@ def test_reference_lvlm_targets_from_world_rows(tmp_path, reference):
     assert n_v == [64 if r["modality"] == "image" else 128 for r in rows[:4]]
     assert (batch["target"].sum(1) > 0).all()
     assert batch["text_mask"].sum(1).tolist() == [1 + len(r["question"].split()) for r in rows[:4]]  # <s> + words
+
+
+def test_processes_split_the_shards_into_what_one_process_writes(tmp_path):
+    from covipal.training.targets import SUMMARY_NAME, merge_summaries
+
+    one, split = tmp_path / "one", tmp_path / "split"
+    alone = write(one)
+    calls = {0: [], 1: []}
+    parts = [write(split, lambda rows, r=r: llava_inputs(rows, calls[r]), rank=r, world=2) for r in (0, 1)]
+    assert sorted(calls[0]) == [0, 1, 2, 6] and sorted(calls[1]) == [3, 4, 5]  # shards 0, 2 and shard 1
+    assert not (split / SUMMARY_NAME).exists()  # each rank's summary is partial
+    merged = merge_summaries(parts, split)
+    assert {k: merged[k] for k in ("shards", "written", "skipped", "rows", "mean_vision_tokens")} == \
+        {k: alone[k] for k in ("shards", "written", "skipped", "rows", "mean_vision_tokens")}
+    a, b = TargetShards(one), TargetShards(split)
+    for i in range(3):
+        x, y = a.load(i), b.load(i)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    with pytest.raises(ValueError, match="rank 2 is outside 0..1"):
+        write(split, rank=2, world=2)
+
+
+SHARDED = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from tiny_lvlms import ROWS, row_prompts, tiny_model
+from covipal.training.launch import gather, is_main, rank, world_size
+from covipal.training.targets import merge_summaries, write_target_shards
+part = write_target_shards(tiny_model("llava"), lambda rows: row_prompts("llava", rows), ROWS, sys.argv[2],
+                           shard_size=3, guide_layer=1, batch_size=2, progress=False, rank=rank(), world=world_size())
+parts = gather(part)
+if is_main():
+    print("MERGED", json.dumps(merge_summaries(parts, sys.argv[2])))
+"""
+
+
+def test_two_processes_under_the_launcher_share_the_shards(tmp_path):
+    """``ops.targets_processes: 2`` on a CPU: DeepSpeed's launcher starts two gloo processes, each writes
+    its shards, rank 0 gathers the summaries."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from covipal.training.launch import launcher_command, launcher_env
+
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED)
+    env = launcher_env(2)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+        env.pop(key, None)
+    env["OMP_NUM_THREADS"] = "1"
+    tests = Path(__file__).resolve().parent
+    run = subprocess.run(launcher_command(script, [str(tests), str(tmp_path / "split")], 2), env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    [line] = [ln for ln in run.stdout.splitlines() if "MERGED" in ln]
+    merged = json.loads(line.split("MERGED", 1)[1])
+    alone = write(tmp_path / "one")
+    assert merged["written"] == 3 and merged["mean_vision_tokens"] == alone["mean_vision_tokens"]
+    a, b = TargetShards(tmp_path / "one"), TargetShards(tmp_path / "split")
+    for i in range(3):
+        x, y = a.load(i), b.load(i)
+        assert all(torch.equal(x[k], y[k]) for k in x)

@@ -1,7 +1,7 @@
-"""Several processes for stages 1 and 2: DeepSpeed's launcher, on GPUs or on the CPU.
+"""Several processes for stages targets, 1 and 2: DeepSpeed's launcher, on GPUs or on the CPU.
 
-``deepspeed.processes: N`` makes a stage entry point start itself again under DeepSpeed's
-launcher (:func:`relaunch`)::
+``deepspeed.processes: N`` (``ops.targets_processes: N`` for the targets stage) makes a
+stage entry point start itself again under DeepSpeed's launcher (:func:`relaunch`)::
 
     python -m deepspeed.launcher.runner --num_gpus N --master_port P --no_local_rank pipelines/stage1.py ...
 
@@ -16,8 +16,9 @@ launcher (:func:`relaunch`)::
 
 Under a launcher already (``LOCAL_RANK`` set: ``deepspeed --hostfile h pipelines/stage1.py``
 or ``torchrun --nproc_per_node 2 pipelines/stage1.py`` by hand) nothing is relaunched.
-Each process trains on its own share of the batches (:class:`RankBatches`); only rank 0
-writes outputs, metrics and MLflow runs.
+Each process trains on its own share of the batches (:class:`RankBatches`), or writes
+its own share of the target shards; only rank 0 writes the other outputs, metrics and
+MLflow runs.
 """
 
 from __future__ import annotations
@@ -99,6 +100,18 @@ def barrier() -> None:
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     torch.distributed.barrier()
+
+
+def gather(obj) -> list:
+    """``obj`` of every process, in rank order (``[obj]`` with one process); a collective call."""
+    if world_size() == 1:
+        return [obj]
+    import torch
+
+    barrier()  # joins the process group if needed
+    out = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 class RankBatches:

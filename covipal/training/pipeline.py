@@ -22,12 +22,13 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
 from covipal.config import Params
 from covipal.io import write_json
-from covipal.training.launch import ShardsForRank, barrier, is_main, rank, world_size
+from covipal.training.launch import ShardsForRank, barrier, gather, is_main, rank, world_size
 
 RESUME_FILE = "resume.json"
 STAGE1_METRICS = "metrics.json"  # stage-1 validation metrics, next to the stage-1 PPM
@@ -86,8 +87,14 @@ def resumable(folder: Path, key: dict, log=print) -> bool:
         log(f"{folder}: starting afresh ({why})")
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(marker, {"key": key, "complete": False})
+    run = old.get("run") if resume else None
+    write_json(marker, {"key": key, "complete": False, "run": run or uuid.uuid4().hex})
     return resume
+
+
+def training_run(folder: Path) -> str:
+    """The id of the run in ``folder`` (kept by a resumed run, new for a fresh one): the registration key."""
+    return json.loads((folder / RESUME_FILE).read_text())["run"]
 
 
 def mark_complete(folder: Path) -> None:
@@ -151,30 +158,38 @@ def base_lineage(base_dir: Path) -> tuple[str, str]:
 def make_targets(params: Params, data_dir: Path, base_dir: Path, out_dir: Path, log=print) -> dict:
     """Stage ``targets``: guide-layer attention targets of the train and validation rows, as shards.
 
-    Writes ``out_dir/train`` and ``out_dir/validation`` (resumable shard by shard).
+    Writes ``out_dir/train`` and ``out_dir/validation`` (resumable shard by shard); under
+    the launcher (``ops.targets_processes``) the processes split the shards between them.
     Returns per split the rows, shards written and skipped and mean vision tokens, and the minutes.
     """
     import torch
     from datasets import load_from_disk
 
-    from covipal.training.targets import write_target_shards
+    from covipal.training.targets import merge_summaries, write_target_shards
 
     t0 = time.time()
     cfg = params.targets
-    key = {"base": content_hash(base_dir), "data": content_hash(data_dir), "code": code_version(),
-           "targets": asdict(cfg)}
-    if resumable(out_dir, key, log):
-        log(f"resuming the target shards in {out_dir}")
+    if is_main():
+        key = {"base": content_hash(base_dir), "data": content_hash(data_dir), "code": code_version(),
+               "targets": asdict(cfg)}
+        if resumable(out_dir, key, log):
+            log(f"resuming the target shards in {out_dir}")
+    barrier()
     model, inputs = load_frozen_base(base_dir)
     ds = load_from_disk(str(data_dir))
     out = {}
-    for split in SPLITS:
+    for split in SPLITS:  # with several processes each writes every world-th shard
         summary = write_target_shards(model, inputs.prompt, _rows(ds[split], getattr(cfg.rows, split)),
                                       out_dir / split, cfg.shard_size, guide_layer=cfg.guide_layer,
-                                      queries=cfg.queries, batch_size=cfg.batch_size, dtype=getattr(torch, cfg.dtype))
+                                      queries=cfg.queries, batch_size=cfg.batch_size, dtype=getattr(torch, cfg.dtype),
+                                      progress=is_main(), rank=rank(), world=world_size())
+        parts = gather(summary)
+        if world_size() > 1 and is_main():
+            summary = merge_summaries(parts, out_dir / split)
         out[split] = {k: summary[k] for k in ("rows", "shards", "written", "skipped", "mean_vision_tokens")}
-    mark_complete(out_dir)
-    return {**out, "minutes": (time.time() - t0) / 60}
+    if is_main():
+        mark_complete(out_dir)
+    return {**out, "world_size": world_size(), "minutes": (time.time() - t0) / 60}
 
 
 def run_stage1(params: Params, targets_dir: Path, out_dir: Path, checkpoint_dir: Path, log=print) -> dict:
@@ -261,13 +276,16 @@ def run_stage2(params: Params, data_dir: Path, base_dir: Path, stage1_dir: Path,
         return {**out, "minutes": (time.time() - t0) / 60}
     v = result["val"]
     v.update(soft_hard_gap=v["soft_accuracy"] - v["hard_accuracy"], pruning_drop=v["full_accuracy"] - v["hard_accuracy"])
+    # registered before the run is marked finished: if registration fails (tracking server down),
+    # the rerun resumes the finished checkpoint instead of training again, and completes the same version
+    out["registry"] = register(params, out_dir, v, stage1_dir, base_dir, data_dir, data_version, root,
+                               registration_key=training_run(checkpoint_dir))
     mark_complete(checkpoint_dir)
-    out["registry"] = register(params, out_dir, v, stage1_dir, base_dir, data_dir, data_version, root)
     return {**out, "minutes": (time.time() - t0) / 60}
 
 
 def register(params: Params, ppm_dir: Path, val: dict, stage1_dir: Path, base_dir: Path, data_dir: Path,
-             data_version: str, root: Path) -> dict:
+             data_version: str, root: Path, registration_key: str | None = None) -> dict:
     """Register the PPM in ``ppm_dir`` with its lineage; the champion gate decides on ``registry.metric``."""
     from covipal.registry import code_commit, register_ppm
 
@@ -279,7 +297,8 @@ def register(params: Params, ppm_dir: Path, val: dict, stage1_dir: Path, base_di
                        guide_layer=params.targets.guide_layer, reserve_ratio=params.pruning.reserve_ratio,
                        data_version=f"sha256:{data_version}", commit=code_commit(root), name=params.registry.model_name,
                        tags={"base_source": source, "base_revision": revision, "targets_queries": params.targets.queries,
-                             **({"data_dvc_md5": lock_md5} if lock_md5 else {})})
+                             **({"data_dvc_md5": lock_md5} if lock_md5 else {})},
+                       registration_key=registration_key)
     return {"name": reg.name, "version": int(reg.version), "promoted": reg.promoted, "reason": reg.reason,
             "champion": int(reg.champion), "model_uri": reg.model_uri, "metric": params.registry.metric,
             "aliases": ["challenger", "champion"] if reg.promoted else ["challenger"]}

@@ -238,7 +238,8 @@ def _complete(out_dir: Path, i: int, settings: dict) -> bool:
 def write_target_shards(model: nn.Module, processor_fn: Callable[[list[dict]], dict], dataset: Sequence[dict],
                         out_dir: str | Path, shard_size: int = 512, *, guide_layer: int,
                         queries: Queries = "after_image", batch_size: int = 16,
-                        dtype: torch.dtype = torch.float16, progress: bool = True) -> dict:
+                        dtype: torch.dtype = torch.float16, progress: bool = True, rank: int = 0,
+                        world: int = 1) -> dict:
     """Stream ``dataset`` through ``model`` and write PPM inputs plus targets as shards.
 
     Shard ``i`` holds rows ``[i * shard_size, (i + 1) * shard_size)`` as
@@ -263,18 +264,24 @@ def write_target_shards(model: nn.Module, processor_fn: Callable[[list[dict]], d
         See :func:`guide_targets`.
     dtype : torch.dtype
         Storage dtype of ``vision``/``text`` (float16 halves the disk; targets stay float32).
+    rank, world : int
+        Split across ``world`` processes: this one writes shards ``rank, rank + world, ...``
+        (shards are independent files, so the union is what one process would write).
 
     Returns
     -------
     dict
-        Summary also written to ``targets.json``: settings, shards written and skipped,
-        rows, mean ``n_v`` of the rows written by this call.
+        Summary (with one process also written to ``targets.json``; see
+        :func:`merge_summaries` for several): settings, shards written and skipped,
+        rows, ``n_vision`` and mean ``n_v`` of the rows written by this call.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     if shard_size < 1 or batch_size < 1:
         raise ValueError("shard_size and batch_size must be positive")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside 0..{world - 1} (world size {world})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = len(dataset)
@@ -283,7 +290,8 @@ def write_target_shards(model: nn.Module, processor_fn: Callable[[list[dict]], d
     n_shards = (n + shard_size - 1) // shard_size
     device = next(model.parameters()).device
     n_vision, written, rows_written = 0, 0, 0
-    for i in tqdm(range(n_shards), desc="target shards", disable=not progress):
+    mine = range(rank, n_shards, world)
+    for i in tqdm(mine, desc="target shards", disable=not progress):
         start, end = i * shard_size, min(n, (i + 1) * shard_size)
         if _complete(out_dir, i, settings):
             continue
@@ -315,9 +323,22 @@ def write_target_shards(model: nn.Module, processor_fn: Callable[[list[dict]], d
                    {"format": SHARD_FORMAT, "shard": i, "rows": [start, end], "n": end - start,
                     "bytes": data.stat().st_size, "settings": settings})
         n_vision, written, rows_written = n_vision + int(lens_v.sum()), written + 1, rows_written + end - start
-    summary = {"settings": settings, "shards": n_shards, "written": written, "skipped": n_shards - written,
-               "rows": n, "mean_vision_tokens": n_vision / rows_written if rows_written else None}
-    write_json(out_dir / SUMMARY_NAME, summary)
+    summary = {"settings": settings, "shards": n_shards, "written": written, "skipped": len(mine) - written,
+               "rows": n, "rows_written": rows_written, "n_vision": n_vision,
+               "mean_vision_tokens": n_vision / rows_written if rows_written else None}
+    if world == 1:
+        write_json(out_dir / SUMMARY_NAME, summary)
+    return summary
+
+
+def merge_summaries(summaries: list[dict], out_dir: str | Path) -> dict:
+    """One summary of the per-process summaries of :func:`write_target_shards`, written to ``targets.json``."""
+    rows_written = sum(s["rows_written"] for s in summaries)
+    n_vision = sum(s["n_vision"] for s in summaries)
+    summary = {**summaries[0], "written": sum(s["written"] for s in summaries),
+               "skipped": sum(s["skipped"] for s in summaries), "rows_written": rows_written, "n_vision": n_vision,
+               "mean_vision_tokens": n_vision / rows_written if rows_written else None}
+    write_json(Path(out_dir) / SUMMARY_NAME, summary)
     return summary
 
 
