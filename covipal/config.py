@@ -111,7 +111,7 @@ class BaseTraining:
     warmup_lr: float = Field(3e-3, gt=0)
     steps: int = Field(2400, ge=1)  # projector + LLM steps, tower frozen
     batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     curriculum_threshold: float = Field(0.6, gt=0, le=1)  # running train accuracy that admits harder scenes
     curriculum_increment: float = Field(0.25, gt=0, le=1)  # level step (0 = fewest digits, 1 = most)
