@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_registry import saved_ppm
 
-from covipal.ppm import PPM, PPMConfig
+from covipal.ppm import PPM
 from covipal.registry import RegistryUnavailableError, load_ppm, register_ppm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,12 +26,6 @@ def registry(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # default artifact location ./mlruns under tmp
     yield uri
     mlflow.set_tracking_uri(None)
-
-
-def saved_ppm(folder, seed):
-    torch.manual_seed(seed)
-    PPM(PPMConfig(d_model=8, d_ppm=8, n_layers=1, n_heads=2)).save_pretrained(folder)
-    return folder
 
 
 def versions(name="covipal-ppm"):
