@@ -33,6 +33,8 @@ def runs() -> list[dict]:
                                       capture_output=True, text=True).stdout)
     out = []
     for commit in shown:
+        if commit.get("rev") == "workspace":  # uncommitted state: the committed baseline and the experiments count
+            continue
         for exp in [commit] + [e for x in commit.get("experiments") or [] for e in x.get("revs", [])]:
             data = exp.get("data") or {}
             params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
