@@ -53,6 +53,21 @@ def must_show(result: dict, ratio: float = 0.25, method: str = "covipal", min_fr
             **{k: ok for k, (ok, _) in checks.items()}}
 
 
+def _finish(fig, ax, path: Path, xs: list, xlabel: str, ylabel: str, title: str) -> None:
+    """Log-2 x axis ticked at ``xs``, labels, legend; write the figure to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_speedup(result: dict, path: Path) -> None:
     """Measured prefill speedup against reserve ratio, one line per method, each with its analytic limit dashed."""
     import matplotlib
@@ -69,16 +84,9 @@ def plot_speedup(result: dict, path: Path) -> None:
         ax.plot(x, [c["speedup"] for c in rows], "o-", color=colour, label=f"{method} measured")
         ax.plot(x, [c["limit"] for c in rows], "--", color=colour, label=f"{method} limit (FLOPs)")
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xscale("log", base=2)
     ratios = sorted({c["reserve_ratio"] for c in result["cases"] if c["method"] != "none"})
-    ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
-    ax.set_xlabel("reserve ratio r")
-    ax.set_ylabel("prefill speedup over unpruned")
-    ax.set_title(f"Prefill speedup ({result['device']}, {result['shape']})", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, ratios, "reserve ratio r", "prefill speedup over unpruned",
+            f"Prefill speedup ({result['device']}, {result['shape']})")
 
 
 def plot_frames(frames: dict, device: str, path: Path) -> None:
@@ -98,16 +106,8 @@ def plot_frames(frames: dict, device: str, path: Path) -> None:
             ax.plot(oom, [frames["cap_bytes"] / MIB] * len(oom), "x", color=f"C{i}", markersize=10,
                     label=f"{case['label']}: out of memory")
     ax.axhline(frames["cap_bytes"] / MIB, color="red", ls="--", label="memory cap")
-    ax.set_xscale("log", base=2)
     lengths = sorted({pt["frames"] for case in frames["cases"] for pt in case["points"]})
-    ax.set_xticks(lengths, [str(n) for n in lengths])
-    ax.set_xlabel("video frames")
-    ax.set_ylabel("peak memory (MiB)")
-    ax.set_title(f"Memory against frames ({device})", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, lengths, "video frames", "peak memory (MiB)", f"Memory against frames ({device})")
 
 
 def markdown(result: dict, frames: dict | None = None, top_ops: str | None = None) -> str:
