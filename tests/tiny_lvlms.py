@@ -209,16 +209,15 @@ def reference_generate(model, family: str, full: dict, kept: list[torch.Tensor],
     mrope = family.startswith("qwen")
     pos = torch.zeros(3, B, Lp, dtype=torch.long) if mrope else torch.zeros(B, Lp, dtype=torch.long)
     next_pos = torch.zeros(3 if mrope else 1, B, dtype=torch.long)
-    full_pos = full["position_ids"][-3:] if mrope else None
+    full_pos = full.get("position_ids")  # every kept token keeps its full-prompt position
+    if full_pos is None:
+        full_pos = torch.arange(embeds.shape[1]).expand(B, -1)
+    full_pos = full_pos[-3:] if mrope else full_pos.expand(B, -1)
     for b, k in enumerate(kept):
         n = len(k)
         x[b, Lp - n:], mask[b, Lp - n:] = embeds[b, k], 1
-        if mrope:
-            pos[:, b, Lp - n:] = full_pos[:, b, k]
-            next_pos[:, b] = full_pos[:, b, -1] + 1  # left padding: the last column is the last token
-        else:
-            pos[b, Lp - n:] = torch.arange(n)
-            next_pos[:, b] = n
+        pos[..., b, Lp - n:] = full_pos[..., b, k]
+        next_pos[:, b] = full_pos[..., b, -1] + 1  # left padding: the last column is the last token
     tokens, logits = [], []
     with torch.no_grad():
         out = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True)

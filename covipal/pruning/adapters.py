@@ -4,9 +4,12 @@ Each entry names the config attributes holding the vision placeholder token ids,
 attribute of the multimodal base model that holds the language model, and how the
 positions of the pruned sequence are made:
 
-- ``"contiguous"`` (1-D RoPE LLMs: Llama, Vicuna, Qwen2): the tokens the LLM sees are
-  renumbered 0..n_kept-1 along the pruned sequence, as if the image had fewer tokens;
-  decoding continues from n_kept.
+- ``"rope"`` (1-D RoPE LLMs: Llama, Vicuna, Qwen2): every kept token keeps the position
+  it has in the full prompt (the positions the LLM was given, or ``0..L-1``), so the
+  image's layout stays in the rotary phases, as in FastV's and DART's reference code and
+  the in-LLM methods here; decoding continues from the full prompt's last position + 1,
+  as it would without pruning. (Renumbering the kept tokens ``0..n_kept-1`` instead cost
+  the reference model 6-7 accuracy points at r = 0.25: docs/evaluation.md.)
 - ``"mrope"`` (Qwen2-VL, Qwen2.5-VL): the model's 3-D M-RoPE positions are computed on the
   full sequence and gathered at the kept indices, so every kept token keeps its
   temporal/height/width position; decoding continues from the full prompt's last
@@ -14,7 +17,7 @@ positions of the pruned sequence are made:
   so the model's own ``rope_deltas`` would be off by the number of pruned tokens: the
   hook supplies the decoding positions itself and leaves ``rope_deltas`` as the model set
   it. A 4th leading row of 1-D text positions, which ``generate`` passes for
-  packed-sequence masks, is renumbered like ``"contiguous"``.
+  packed-sequence masks, is renumbered ``0..n_kept-1``.
 
 Adding a family means adding one entry here and to the test matrix in
 ``tests/tiny_lvlms.py``, which runs every property test on it.
@@ -36,7 +39,7 @@ class Adapter:
     ----------
     token_attrs : tuple of str
         Config attributes holding the vision placeholder ids (image, video).
-    positions : {"contiguous", "mrope"}
+    positions : {"rope", "mrope"}
         How positions of the pruned sequence are made (see the module docstring).
     language_model : str
         Attribute of the multimodal base model (``LlavaModel``, ``Qwen2VLModel``) holding
@@ -44,7 +47,7 @@ class Adapter:
     """
 
     token_attrs: tuple[str, ...]
-    positions: Literal["contiguous", "mrope"]
+    positions: Literal["rope", "mrope"]
     language_model: str = "language_model"
 
     def vision_token_ids(self, config) -> list[int]:
@@ -64,9 +67,9 @@ class Adapter:
 
 
 ADAPTERS: dict[str, Adapter] = {
-    "llava": Adapter(token_attrs=("image_token_id",), positions="contiguous"),
-    "llava_next": Adapter(token_attrs=("image_token_id",), positions="contiguous"),
-    "llava_onevision": Adapter(token_attrs=("image_token_id", "video_token_id"), positions="contiguous"),
+    "llava": Adapter(token_attrs=("image_token_id",), positions="rope"),
+    "llava_next": Adapter(token_attrs=("image_token_id",), positions="rope"),
+    "llava_onevision": Adapter(token_attrs=("image_token_id", "video_token_id"), positions="rope"),
     "qwen2_vl": Adapter(token_attrs=("image_token_id", "video_token_id"), positions="mrope"),
     "qwen2_5_vl": Adapter(token_attrs=("image_token_id", "video_token_id"), positions="mrope"),
 }

@@ -13,15 +13,14 @@ sample's vision tokens, :func:`~covipal.pruning.base.select` keeps the top
 samples keep everything), and the LLM receives ``inputs_embeds``, ``attention_mask``
 and ``position_ids`` with the pruned tokens removed. Rows of the batch that end up
 shorter are padded on the left, so the last column is every sample's last token and the
-batch stays rectangular. Positions follow the adapter table
-(:mod:`covipal.pruning.adapters`): renumbered 0..n_kept-1 for 1-D RoPE, gathered from
-the full sequence for M-RoPE. When nothing is removed (``r = 1``, or no vision tokens)
+batch stays rectangular. Every kept token keeps its position in the full prompt
+(1-D RoPE or M-RoPE, per the adapter table :mod:`covipal.pruning.adapters`). When nothing is removed (``r = 1``, or no vision tokens)
 the inputs are passed on untouched, so the model's computation is bit-identical.
 
 **Decode** (later calls on the cache that pruned prefill filled): ``generate`` keeps
 extending the attention mask and position ids of the *full* prompt. The pre-hook replaces
 the prompt part of the mask by the pruned prompt's mask (keeping the columns for the
-tokens decoded since) and gives each new token the position after the pruned prompt's
+tokens decoded since) and gives each new token the position after the full prompt's
 last one plus the number of tokens decoded before it; incoming positions are replaced.
 A manual decoding loop may pass either the full-prompt mask or the pruned one.
 
@@ -233,31 +232,39 @@ class PruningRun:
             return None
 
         index, new_mask = _pack(keep, left=True)  # (B, L'): kept tokens in order, padding on the left
-        n_kept = new_mask.sum(dim=1)
-        positions, next_mrope = self._prompt_positions(kwargs.get("position_ids"), index, new_mask, real)
+        positions, next_text, next_mrope = self._prompt_positions(kwargs.get("position_ids"), index, new_mask, real)
         self._prompt = _PrunedPrompt(cache=weakref.ref(cache) if cache is not None else None, full_len=L,
-                                     mask=new_mask, next_text=n_kept, next_mrope=next_mrope)
+                                     mask=new_mask, next_text=next_text, next_mrope=next_mrope)
         self._take_cache_from_output = cache is None
         return {**kwargs, "inputs_embeds": _gather_rows(embeds, index),
                 "attention_mask": new_mask.to(mask.dtype if mask is not None else torch.long),
                 "position_ids": positions}
 
     def _prompt_positions(self, incoming: torch.Tensor | None, index: torch.Tensor, new_mask: torch.Tensor,
-                          real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Positions of the pruned prompt and, for M-RoPE, the position after the full prompt."""
-        text = (new_mask.long().cumsum(dim=1) - 1).clamp_min(0)  # (B, L'): 0..n_kept-1, padding at 0
-        if self.adapter.positions == "contiguous":
-            return text, None
+                          real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Positions of the pruned prompt, gathered from the full prompt's at ``index`` (B, L').
+
+        Returns ``(positions, next_text, next_mrope)``: the LLM's ``position_ids`` ((B, L'), or
+        (3 or 4, B, L') for M-RoPE; 0 on padding) and the positions decoding continues from
+        ((B,) 1-D and (3, B) M-RoPE, the latter None for 1-D families).
+        """
         B, L = real.shape
         if incoming is None:  # what the text model would make itself
             incoming = torch.arange(L, device=index.device).expand(B, L)
+        last = real.long().cumsum(dim=1).argmax(dim=1)  # (B,): column of each sample's last token
+        rows = torch.arange(B, device=index.device)
+        if self.adapter.positions == "rope":
+            full = incoming.expand(B, L)
+            kept = full.gather(1, index).masked_fill(~new_mask, 0)  # (B, L')
+            return kept, full[rows, last] + 1, None
+        renumbered = (new_mask.long().cumsum(dim=1) - 1).clamp_min(0)  # (B, L'): 0..n_kept-1, padding at 0
         has_text_row = incoming.ndim == 3 and incoming.shape[0] == 4
         full = incoming[-3:] if incoming.ndim == 3 else incoming[None]
         full = full.expand(3, B, L)  # (3, B, L)
         kept = full.gather(2, index[None].expand(3, -1, -1)).masked_fill(~new_mask, 0)  # (3, B, L')
-        last = real.long().cumsum(dim=1).argmax(dim=1)  # (B,): column of each sample's last token
-        next_mrope = full[:, torch.arange(B, device=full.device), last] + 1  # (3, B), as generate continues
-        return (torch.cat([text[None], kept]) if has_text_row else kept), next_mrope
+        next_mrope = full[:, rows, last] + 1  # (3, B), as generate continues
+        positions = torch.cat([renumbered[None], kept]) if has_text_row else kept
+        return positions, new_mask.sum(dim=1), next_mrope
 
     # decode --------------------------------------------------------------------------
 
