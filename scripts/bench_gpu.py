@@ -6,8 +6,8 @@
 For each shape (``llava-1.5-7b``, then ``qwen2-vl-7b``; ``--shapes`` picks), the model is built
 with random weights directly on the GPU in bf16 (nothing is downloaded), with a PPM of random
 weights of its width. It measures the unpruned prefill against ``covipal`` and ``random`` at
-r = 0.25 on two prompts, one 576-token image and an 8-frame video, each with 64 text tokens
-(CUDA events, warm-up, repetitions), and, for
+r = 0.25 on three inputs, one 576-token image, an 8-frame video and a batch of 16 images, each
+prompt with 64 text tokens (CUDA events, warm-up, repetitions), and, for
 LLaVA, the longest video (one 576-token image per frame) whose prefill and decoding fit under a
 24 GB cap (``torch.cuda.set_per_process_memory_fraction``), unpruned and pruned; a run out of
 memory is recorded as not fitting. It writes ``bench_gpu.json``, ``bench_gpu.md``, figures and
@@ -29,7 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RATIO, MIN_SPEEDUP, FRAMES = 0.25, 2.5, 64
-PROMPTS = {"image": 1, "video8": 8}  # pictures per prompt: one 576-token image; 8 frames (LLaVA: 576 tokens each)
+# (pictures per prompt, prompts per batch): one 576-token image; 8 frames (LLaVA: 576 tokens each);
+# a batch of 16 images, as a server batches prefills (one image alone is bound by kernel launches)
+PROMPTS = {"image": (1, 1), "video8": (8, 1), "image_batch16": (1, 16)}
 
 
 def bench_shape(name: str, args, device, dtype, out: Path, log) -> dict:
@@ -50,11 +52,11 @@ def bench_shape(name: str, args, device, dtype, out: Path, log) -> dict:
     entry = {"shape": name, "parameters": n_parameters(subject.model), "build_s": built, "profile": {}}
     cases = [Case("covipal", RATIO), Case("random", RATIO)]
     sections = []
-    for prompt, pictures in PROMPTS.items():
+    for prompt, (pictures, batch) in PROMPTS.items():
         log(f"{name}, {prompt}:")
         result = profile_methods(subject, cases, pictures=pictures, n_text=64, warmup=args.warmup,
                                  repeats=args.repeats, decode_tokens=args.decode_tokens, device=device, dtype=dtype,
-                                 ppm=ppm, log=log)
+                                 ppm=ppm, batch=batch, log=log)
         result.update(device=device.type, device_name=device_name(device), shape=f"{name}, {prompt}",
                       dtype=str(dtype), parameters=entry["parameters"], threads=torch.get_num_threads(),
                       ppm="random weights")

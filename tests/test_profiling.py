@@ -194,3 +194,20 @@ def test_benchmark_scripts_run_their_code_path_on_tiny_shapes(tmp_path, monkeypa
     frames = summary["shapes"]["tiny-llava"]["frames"]
     assert [c["label"] for c in frames["cases"]] == ["none", "covipal@0.25", "random@0.25"]
     assert (tmp_path / "gpu" / "bench_gpu.md").read_text().startswith("# GPU benchmark on cpu")
+
+
+@pytest.mark.parametrize("family", ["tiny-llava", "tiny-qwen2-vl"])
+def test_a_batch_of_copies_prefills_each_copy_like_the_single_prompt(family):
+    """``batch=3`` repeats the prompt and its pixels; every row's logits equal the single prompt's."""
+    from covipal.profiling.bench import prefill
+
+    subject = build_shape(family)
+    one, three = make_inputs(subject.config, 2, 10), make_inputs(subject.config, 2, 10, batch=3)
+    assert three["input_ids"].shape == (3, one["input_ids"].shape[1])
+    pixels = "pixel_values_videos" if "pixel_values_videos" in one else "pixel_values"
+    assert three[pixels].shape[0] == 3 * one[pixels].shape[0]
+    with torch.inference_mode():
+        single = subject.model(**one).logits[:, -1]
+        batched = subject.model(**three).logits[:, -1]
+        prefill(subject.model, three)  # the benchmark's own call takes the batch
+    torch.testing.assert_close(batched, single.expand(3, -1), rtol=1e-4, atol=1e-4)

@@ -132,8 +132,11 @@ def _kept_share(case: Case, pruner, n_v: int, n_text: int, layers: int) -> float
 
 def profile_methods(subject: Subject, cases: list[Case], *, pictures: int = 1, n_text: int = 64,
                     warmup: int = 1, repeats: int = 5, decode_tokens: int = 8, device="cpu",
-                    dtype=torch.float32, ppm=None, log=print) -> dict:
+                    dtype=torch.float32, ppm=None, batch: int = 1, log=print) -> dict:
     """Measure ``cases`` (the unpruned one is added first) on one prompt of ``pictures`` pictures.
+
+    ``batch`` copies of the prompt go through each forward (FLOPs, and so the limit's ratio,
+    scale with it; KV-cache bytes are the whole batch's).
 
     Returns ``{"prompt": {...}, "cases": [one dict per case]}``; see the module docstring.
     """
@@ -142,7 +145,7 @@ def profile_methods(subject: Subject, cases: list[Case], *, pictures: int = 1, n
     clock = Clock(device)
     cases = [Case()] + [c for c in cases if c.method != UNPRUNED]
     pruners = {c: make_pruner(c, ppm) for c in cases}
-    inputs = make_inputs(config, pictures, n_text, device=device, dtype=dtype)
+    inputs = make_inputs(config, pictures, n_text, device=device, dtype=dtype, batch=batch)
     n_v, layers = vision_tokens(config, pictures), config.text_config.num_hidden_layers
     ppm_config = getattr(ppm, "config", None)
     flops = {c: prefill_flops(config, pictures, n_text,
@@ -199,7 +202,7 @@ def profile_methods(subject: Subject, cases: list[Case], *, pictures: int = 1, n
                 "scorer_share_of_unpruned_prefill": ppm_median / t_full["median"],
                 "peak_bytes": memory.peak_bytes, "peak_rss_bytes": memory.peak_rss_bytes,
             })
-    prompt = {"pictures": pictures, "vision_tokens": n_v, "text_tokens": n_text,
+    prompt = {"pictures": pictures, "batch": batch, "vision_tokens": n_v, "text_tokens": n_text,
               "prompt_tokens": int(inputs["input_ids"].shape[1]), "decode_tokens": decode_tokens,
               "warmup": warmup, "repeats": repeats}
     return {"prompt": prompt, "cases": results}

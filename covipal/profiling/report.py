@@ -118,7 +118,8 @@ def markdown(result: dict, frames: dict | None = None, top_ops: str | None = Non
              + (f", {result['threads']} torch threads" if result["device"] == "cpu" else ""),
              f"- model: {result['shape']}, {result['parameters'] / 1e6:.1f}M parameters, {result['dtype']}"
              + (f"; PPM: {result['ppm']}" if result.get("ppm") else ""),
-             f"- prompt: {p['pictures']} picture(s), {p['vision_tokens']} vision + {p['text_tokens']} text tokens; "
+             f"- prompt: {p['pictures']} picture(s), {p['vision_tokens']} vision + {p['text_tokens']} text tokens"
+             + (f", batch of {p['batch']}" if p.get("batch", 1) > 1 else "") + "; "
              f"{p['warmup']} warm-up + {p['repeats']} timed rounds, interleaved; {p['decode_tokens']} decoded tokens",
              "- speedup = unpruned prefill median / pruned prefill median; limit = ratio of analytic FLOPs "
              "(covipal/profiling/flops.py); scorer = the pruner's `score` call (the PPM for covipal)",

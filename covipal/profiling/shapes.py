@@ -114,12 +114,15 @@ def load_subject(base_dir) -> Subject:
     return Subject(model.eval().requires_grad_(False), "base", 4 if isinstance(processor, ReferenceProcessor) else 1)
 
 
-def make_inputs(config, n_pictures: int, n_text: int, device="cpu", dtype=torch.float32, seed: int = 0) -> dict:
+def make_inputs(config, n_pictures: int, n_text: int, device="cpu", dtype=torch.float32, seed: int = 0,
+                batch: int = 1) -> dict:
     """One prompt: ``n_pictures`` random pictures (Qwen2-VL: one image, or a video of that many frames)
-    and ``n_text`` other tokens (random words after a BOS; Qwen2-VL's vision start/end tokens count).
+    and ``n_text`` other tokens (random words after a BOS; Qwen2-VL's vision start/end tokens count),
+    repeated ``batch`` times.
 
-    Returns the forward kwargs, batch 1: ``input_ids`` and ``attention_mask`` (1, L) with
-    ``L = n_text + vision_tokens(config, n_pictures)``, and the pixel inputs.
+    Returns the forward kwargs: ``input_ids`` and ``attention_mask`` (batch, L) with
+    ``L = n_text + vision_tokens(config, n_pictures)``, and the pixel inputs (``batch`` times
+    one prompt's, along their first dimension).
     """
     gen = torch.Generator().manual_seed(seed)
     n_v = vision_tokens(config, n_pictures)
@@ -151,6 +154,7 @@ def make_inputs(config, n_pictures: int, n_text: int, device="cpu", dtype=torch.
         ids = [config.text_config.bos_token_id or 1] + [config.image_token_id] * n_v + text(n_text - 1)
         extra = {"pixel_values": torch.randn(n_pictures, v.num_channels, v.image_size, v.image_size, generator=gen)}
     out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **extra}
+    out = {k: x.repeat(batch, *[1] * (x.ndim - 1)) for k, x in out.items()}
     return {k: (x.to(device, dtype) if x.is_floating_point() else x.to(device)) for k, x in out.items()}
 
 
