@@ -88,7 +88,7 @@ class ReferenceModel:
     vision_heads: int = Field(4, ge=1)
     text_hidden: int = Field(128, ge=8)
     text_layers: int = Field(4, ge=1)
-    text_heads: int = Field(4, ge=1)
+    text_heads: int = Field(2, ge=1)
     text_intermediate: int = Field(384, ge=8)
 
 
@@ -118,6 +118,13 @@ class BaseTraining:
     curriculum_deadline: float = Field(0.5, gt=0, le=1)  # share of steps by which all scenes are admitted
     grounding_layer: int = Field(0, ge=0)  # decoder layer whose head 0 learns to look at the relevant cells
     grounding_weight: float = Field(1.0, ge=0)  # weight of that loss (0: none)
+    # question types whose grounding target also holds <s>, a sink whose share tells the count
+    grounding_sink: list[Literal["position", "colour", "presence", "count", "relation"]] = Field(
+        default_factory=lambda: ["count", "presence"])
+    # share of training conversations seen with part of their irrelevant vision tokens masked out,
+    # as a pruner removes them; each such token is masked with a probability drawn from [0, prune_max]
+    prune_share: float = Field(0.5, ge=0, le=1)
+    prune_max: float = Field(0.9, ge=0, le=1)
     eval_batch_size: int = Field(128, ge=1)
 
 

@@ -10,7 +10,7 @@ from common import ROOT, stage
 
 from covipal.evaluation.registry import attach, find_version
 from covipal.evaluation.stage import run_evaluate
-from covipal.evaluation.summary import CSV_FIELDS, ratio_key, report
+from covipal.evaluation.summary import CSV_FIELDS, leads_report, ratio_key, report
 from covipal.io import atomic_output, write_json
 
 
@@ -19,14 +19,20 @@ def main() -> None:
         ppm_dir = ROOT / "models" / "ppm"
         result = run_evaluate(params, ROOT / "data" / "world", ROOT / "models" / "base", ppm_dir, ROOT)
         records = result["records"]
+        lead: dict = {}
+        for r in result["leads"]:
+            lead.setdefault(r["modality"], {}).setdefault(ratio_key(r["ratio"]), {})[r["baseline"]] = {
+                k: r[k] for k in ("lead", "ci_low", "ci_high", "separate", "clear")}
         write_json(ROOT / "metrics" / "evaluate.json",
-                   {"rows": result["rows"], "minutes": result["minutes"], "methods": result["metrics"]})
+                   {"rows": result["rows"], "minutes": result["minutes"], "methods": result["metrics"],
+                    "covipal_lead": lead})
         with atomic_output(ROOT / "plots" / "evaluate_accuracy.csv") as tmp:
             with open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
                 writer.writeheader()
                 writer.writerows(records)
-        markdown = report(records, params.evaluate.confidence)
+        markdown = report(records, params.evaluate.confidence) + leads_report(result["leads"], "covipal",
+                                                                              params.evaluate.confidence)
         with atomic_output(ROOT / "reports" / "evaluate.md") as tmp:
             tmp.write_text(markdown)
         run.metrics({"rows": result["rows"], "minutes": result["minutes"], **result["metrics"]})

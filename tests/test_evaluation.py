@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from covipal.config import ConfigError, EvaluateConfig
-from covipal.evaluation.bootstrap import mean_interval
+from covipal.evaluation.bootstrap import difference_interval, mean_interval
 from covipal.evaluation.cells import kept_tokens, relevant_share, relevant_tokens
 from covipal.evaluation.harness import Results, evaluate_methods
 from covipal.evaluation.stage import build_methods
-from covipal.evaluation.summary import metrics, report, table
+from covipal.evaluation.summary import leads, leads_report, metrics, report, table
 from covipal.pruning import Pruner, n_keep
 from covipal.training.data import ReferenceInputs
 
@@ -36,6 +36,21 @@ def test_bootstrap_degenerate_cases():
     assert one.mean == 0.0 and one.low is None and one.high is None
     with pytest.raises(ValueError, match="non-empty 1-D"):
         mean_interval([])
+
+
+def test_paired_difference_interval_is_narrower_than_the_unpaired_one():
+    """Two methods right on the same hard rows: pairing removes the rows' shared variance."""
+    rng = np.random.default_rng(0)
+    a = rng.random(1000) < 0.7
+    b = a & (rng.random(1000) < 0.9)  # b loses about 10% of a's hits, nothing else
+    d = difference_interval(a, b, n_resamples=2000, seed=0)
+    assert d.mean == pytest.approx(a.mean() - b.mean())
+    assert 0 < d.low < d.mean < d.high
+    unpaired = 1.96 * math.sqrt(a.var() / 1000 + b.var() / 1000)  # the normal half-width ignoring the pairing
+    assert d.high - d.low < unpaired  # (about 0.035 against 0.079)
+    assert difference_interval(a, a) == (same := difference_interval(a, a)) and (same.low, same.high) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="one length"):
+        difference_interval(a, b[:10])
 
 
 # --- relevant cells -----------------------------------------------------------------------------
@@ -184,3 +199,23 @@ def test_variants_name_a_registered_method_with_their_own_arguments(tmp_path):
         EvaluateConfig(methods=["x"], variants={"x": {"ppm": "models/stage1"}})
     with pytest.raises(ConfigError, match=r"unknown method\(s\) \['x'\]"):
         build_methods(EvaluateConfig(methods=["x"], variants={"x": {"method": "nope"}}), 4)
+
+
+def test_leads_over_baselines_and_their_report():
+    n = 400
+    rows = [{"modality": "image", "question_type": "count"}] * n
+    rng = np.random.default_rng(1)
+    ours = rng.random(n) < 0.8
+
+    def results(correct):
+        return Results(correct, np.full(n, 16.0), np.full(n, 16.0), np.full(n, np.nan), np.full(n, 64.0))
+
+    res = {("covipal", 0.25): results(ours),
+           ("far", 0.25): results(ours & (rng.random(n) < 0.7)),  # about 24 points behind
+           ("near", 0.25): results(ours & (rng.random(n) < 0.98))}  # about 1.6 points behind
+    out = {r["baseline"]: r for r in leads(res, rows, "covipal", ["far", "near"], 1000, 0.95, 0)}
+    assert out["far"]["lead"] == pytest.approx(ours.mean() - res[("far", 0.25)].correct.mean())
+    assert out["far"]["clear"] and out["far"]["separate"] and out["far"]["ci_low"] > 0.03
+    assert not out["near"]["clear"] and not out["near"]["separate"] and out["near"]["lead"] < 0.03
+    text = leads_report(list(out.values()), "covipal", 0.95)
+    assert "## Lead of covipal" in text and "| far | +0.2" in text and "✓" in text and "| near | +0.0" in text

@@ -41,15 +41,34 @@ def test_queries_are_the_last_question_words_and_relevant_the_asked_cells(refere
         assert not relevant[j, len(turns):].any()  # padded turns ask about nothing
 
 
-def test_grounding_loss_is_minus_log_of_head0_mass_on_relevant_tokens():
+def test_sink_types_also_point_at_the_bos_token(reference, batch):
+    _, processor, _ = reference
+    rows, inputs = batch
+    _, plain = grounding_targets(processor, rows, inputs)
+    _, sunk = grounding_targets(processor, rows, inputs, sink=("count", "presence"))
+    assert (inputs["input_ids"][:, 0] == processor.tokenizer.bos_token_id).all()
+    seen = set()
+    for j, row in enumerate(rows):
+        for t, turn in enumerate([row] + row["follow_ups"]):
+            with_sink = turn["question_type"] in ("count", "presence")
+            seen.add(with_sink)
+            assert sunk[j, t, 0].item() == with_sink
+            assert torch.equal(sunk[j, t, 1:], plain[j, t, 1:])  # the cells themselves are unchanged
+        assert not sunk[j, len(row["follow_ups"]) + 1:].any()
+    assert seen == {True, False}
+
+
+def test_grounding_loss_is_cross_entropy_to_an_even_target_over_relevant_tokens():
     relevant = torch.zeros(1, 2, 10, dtype=torch.bool)
-    relevant[0, 0, [3, 4]] = True  # turn 1 has no relevant cell: ignored
+    relevant[0, 0, [3, 4]] = True  # turn 1 has no relevant token: ignored
     probs = torch.full((1, 2, 2, 10), 0.1)
-    assert grounding_loss(probs, relevant).item() == pytest.approx(-math.log(0.2), rel=1e-4)
+    assert grounding_loss(probs, relevant).item() == pytest.approx(-math.log(0.1), rel=1e-4)
     probs[0, 0, 0] = 0.0
-    probs[0, 0, 0, [3, 4]] = 0.5
+    probs[0, 0, 0, [3, 4]] = 0.5  # the target itself: only its entropy, log 2, is left
     probs[0, 1, 0] = 0.0  # head 1 does not count
-    assert grounding_loss(probs, relevant).item() == pytest.approx(0.0, abs=1e-5)
+    assert grounding_loss(probs, relevant).item() == pytest.approx(math.log(2), abs=1e-5)
+    probs[0, 0, 0, [3, 4]] = torch.tensor([0.9, 0.1])  # all on the cells, but not evenly: worse
+    assert grounding_loss(probs, relevant).item() > math.log(2) + 0.5
 
 
 def test_attention_rows_gives_differentiable_rows_of_the_layer(reference, batch):
@@ -82,3 +101,44 @@ def _pixels(processor, rows):
     pics = [processor.pictures([np.asarray(im) for im in make_sample(DataConfig(), "train", i, pools)["images"]])
             for i in range(len(rows))]
     return torch.from_numpy(np.concatenate(pics))
+
+
+def test_pruned_view_hides_only_irrelevant_vision_tokens():
+    from covipal.reference.train import pruned_view
+
+    B, L = 64, 40
+    vision = torch.zeros(B, L, dtype=torch.bool)
+    vision[:, 1:33] = True
+    relevant = torch.zeros(B, L, dtype=torch.bool)
+    relevant[:, [0, 5, 6]] = True  # <s> (text) and two cells
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[:3, -2:] = 0  # padding stays padding
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(pruned_view(mask, vision, relevant, 0.0, 0.9, gen), mask)
+    out = pruned_view(mask, vision, relevant, 0.5, 0.9, gen)
+    hidden = (mask == 1) & (out == 0)
+    assert not (hidden & ~vision).any() and not (hidden & relevant).any()
+    assert torch.equal(out[:3, -2:], mask[:3, -2:])
+    rows = hidden.any(1)
+    assert 16 < rows.sum() < 48  # about half the rows
+    share = hidden[rows].sum(1).float() / 30  # of the 30 hideable tokens
+    assert share.max() <= 1.0 and share.mean() < 0.7  # rates drawn from [0, 0.9]
+
+
+def test_a_hidden_token_is_a_removed_token_with_positions_kept(reference):
+    """Masking a vision token out equals removing it while the others keep their positions,
+    which is what the pruning runtime does: the pruned views train for exactly that input."""
+    model, processor, _ = reference
+    torch.manual_seed(0)
+    n_v = processor.tokens_per_picture
+    ids = torch.tensor([[processor.tokenizer.bos_token_id] + [processor.image_token_id] * n_v + [5, 6, 7]])
+    embeds = torch.randn(1, ids.shape[1], model.config.text_config.hidden_size)
+    llm = model.model.language_model
+    drop = torch.tensor([3, 4, 10, 20])
+    mask = torch.ones_like(ids)
+    mask[0, drop] = 0
+    keep = torch.tensor([i for i in range(ids.shape[1]) if i not in drop.tolist()])
+    with torch.no_grad():
+        masked = llm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, -1]
+        removed = llm(inputs_embeds=embeds[:, keep], position_ids=keep[None]).last_hidden_state[:, -1]
+    torch.testing.assert_close(masked, removed, rtol=1e-5, atol=1e-5)

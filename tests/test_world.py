@@ -41,6 +41,15 @@ def parse(frame: np.ndarray, lookup) -> dict[tuple[int, int], tuple[int, str, in
     return cells
 
 
+KINDS = {"which digit is at": "position", "what colour": "colour", "is there": "presence", "how many": "count",
+         "in how many frames": "count", "what is right of": "relation"}
+
+
+def kind(question: str) -> str:
+    """The question type a question's wording says."""
+    return next(t for prefix, t in KINDS.items() if question.startswith(prefix))
+
+
 def solve(question: str, frames: list[dict]) -> tuple[str, set]:
     """Answer a question from parsed frames, independently of the generator."""
     words = question.split()
@@ -78,8 +87,10 @@ def test_answers_and_relevant_cells_match_the_pixels(world, lookup, split):
         assert row["answer"] == answer, row["question"]
         assert {tuple(t) for t in row["relevant"]} == relevant, row["question"]
         assert sum(len(f) for f in frames) == row["digits"]
+        assert row["question_type"] == kind(row["question"])
         for turn in row["follow_ups"]:
             assert solve(turn["question"], frames) == (turn["answer"], {tuple(t) for t in turn["relevant"]}), turn["question"]
+            assert turn["question_type"] == kind(turn["question"]), turn["question"]
     if split == "train":
         assert sum(len(r["follow_ups"]) for r in world[split]) > 5 * len(world[split])
     else:

@@ -10,8 +10,8 @@ Schema (one row per question):
 ``question_type``         ``position``, ``colour``, ``presence``, ``count``, ``relation``
 ``relevant``              ground-truth relevant cells as ``[frame, row, col]`` triples
 ``digits``                how many digits the scene holds (its difficulty)
-``follow_ups``            more ``{question, answer, relevant}`` turns about the same scene (training
-                          rows only, ``train_turns - 1`` of them; empty elsewhere)
+``follow_ups``            more ``{question, answer, relevant, question_type}`` turns about the same
+                          scene (training rows only, ``train_turns - 1`` of them; empty elsewhere)
 ========================  ==========================================================
 
 Cell ``(row, col)`` of a frame is the 8x8 patch at pixels ``[8 row : 8 row + 8, 8 col : 8 col + 8]``,
@@ -49,7 +49,7 @@ def features():
         "relevant": List(List(Value("int32"))),
         "digits": Value("int32"),
         "follow_ups": List({"question": Value("string"), "answer": Value("string"),
-                            "relevant": List(List(Value("int32")))}),
+                            "relevant": List(List(Value("int32"))), "question_type": Value("string")}),
     })
 
 
@@ -66,9 +66,11 @@ def make_sample(cfg: DataConfig, split: str, index: int, pools=None) -> dict:
     s = sample_question(rng, pools[split], shape, types)
     follow_ups = []
     for _ in range(cfg.train_turns - 1 if split == "train" else 0):
-        turn = ask(rng, s.frames, types[int(rng.integers(len(types)))])
+        qtype = types[int(rng.integers(len(types)))]
+        turn = ask(rng, s.frames, qtype)
         if turn is not None:
-            follow_ups.append({"question": turn[0], "answer": turn[1], "relevant": [list(t) for t in turn[2]]})
+            follow_ups.append({"question": turn[0], "answer": turn[1], "relevant": [list(t) for t in turn[2]],
+                               "question_type": qtype})
     return {
         "images": [render_frame(f) for f in s.frames],
         "modality": "video" if is_video else "image",
