@@ -22,7 +22,7 @@ def main() -> None:
         lead: dict = {}
         for r in result["leads"]:
             lead.setdefault(r["modality"], {}).setdefault(ratio_key(r["ratio"]), {})[r["baseline"]] = {
-                k: r[k] for k in ("lead", "ci_low", "ci_high", "separate", "clear")}
+                k: r[k] for k in ("lead", "ci_low", "ci_high", "separate", "clear", "equal_budget")}
         write_json(ROOT / "metrics" / "evaluate.json",
                    {"rows": result["rows"], "minutes": result["minutes"], "methods": result["metrics"],
                     "covipal_lead": lead})

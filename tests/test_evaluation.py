@@ -217,5 +217,10 @@ def test_leads_over_baselines_and_their_report():
     assert out["far"]["lead"] == pytest.approx(ours.mean() - res[("far", 0.25)].correct.mean())
     assert out["far"]["clear"] and out["far"]["separate"] and out["far"]["ci_low"] > 0.03
     assert not out["near"]["clear"] and not out["near"]["separate"] and out["near"]["lead"] < 0.03
+    assert out["far"]["equal_budget"] and out["near"]["equal_budget"]
     text = leads_report(list(out.values()), "covipal", 0.95)
     assert "## Lead of covipal" in text and "| far | +0.2" in text and "✓" in text and "| near | +0.0" in text
+    assert "✓ †" not in text and "✗ †" not in text
+    res[("far", 0.25)].layer_average[:] = 17.5  # 16 + 1.5: more than the budget allows
+    over = {r["baseline"]: r for r in leads(res, rows, "covipal", ["far"], 200, 0.95, 0)}["far"]
+    assert not over["equal_budget"] and "✓ †" in leads_report([over], "covipal", 0.95)
