@@ -140,5 +140,6 @@ def test_a_hidden_token_is_a_removed_token_with_positions_kept(reference):
     keep = torch.tensor([i for i in range(ids.shape[1]) if i not in drop.tolist()])
     with torch.no_grad():
         masked = llm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, -1]
-        removed = llm(inputs_embeds=embeds[:, keep], position_ids=keep[None]).last_hidden_state[:, -1]
+        removed = llm(inputs_embeds=embeds[:, keep], attention_mask=torch.ones(1, len(keep), dtype=torch.long),
+                      position_ids=keep[None]).last_hidden_state[:, -1]  # a 2-D mask, as the runtime passes
     torch.testing.assert_close(masked, removed, rtol=1e-5, atol=1e-5)
