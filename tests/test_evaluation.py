@@ -111,6 +111,54 @@ def test_harness_records_hits_budgets_and_relevant_cells(reference):
     assert bool(half.correct[0]) == bool(alone[0])
 
 
+@pytest.mark.parametrize("method", ["fastv", "pyramiddrop", "sparsevlm", "dart"])
+def test_ratios_with_one_schedule_keep_the_same_tokens_and_are_run_once(reference, method):
+    """Below the lowest budget an in-LLM method can reach, its schedule stops changing; the
+    model's output is then the same, and the harness reuses the higher ratio's outcomes."""
+    from covipal.pruning import get_method
+
+    model, processor, rows = reference
+    inputs = ReferenceInputs(processor)
+
+    def build(m, r):
+        return get_method(method, reserve_ratio=r, match_layer_average=True,
+                          **({"layer": 1} if method in ("fastv", "dart") else {}))
+
+    low, lower = 0.2, 0.1  # on the 2-layer test LLM both bottom out at the same schedule
+    pruners = {r: build(method, r) for r in (low, lower)}
+    assert pruners[low].schedule(64, 2) == pruners[lower].schedule(64, 2)
+    with torch.no_grad():
+        prompt = inputs.prompt(rows)
+        logits = {}
+        for r, pruner in pruners.items():
+            with pruner(model):
+                logits[r] = model(**prompt).logits[:, -1]
+    torch.testing.assert_close(logits[low], logits[lower], rtol=0, atol=0)
+
+    calls = []
+    out = evaluate_methods(model, inputs, rows, lambda m, r: _Counted(build(m, r), calls), [method], [low, lower],
+                           batch_size=8, progress=False)
+    assert calls and lower not in calls  # every batch reused the r = 0.2 pass
+    alone = evaluate_methods(model, inputs, rows, build, [method], [lower], batch_size=8, progress=False)
+    for name in ("correct", "entering", "layer_average", "n_vision"):
+        assert getattr(out[(method, lower)], name).tolist() == getattr(alone[(method, lower)], name).tolist()
+    np.testing.assert_array_equal(out[(method, lower)].relevant_kept, alone[(method, lower)].relevant_kept)
+
+
+class _Counted:
+    """A pruner whose ``with pruner(model)`` is recorded in ``calls``."""
+
+    def __init__(self, pruner, calls):
+        self.pruner, self.calls = pruner, calls
+
+    def __getattr__(self, name):
+        return getattr(self.pruner, name)
+
+    def __call__(self, model):
+        self.calls.append(self.pruner.reserve_ratio)
+        return self.pruner(model)
+
+
 def test_budgets_are_equal_across_methods_at_equal_ratio(reference):
     """Matched on the layer average, pre-LLM and in-LLM methods cost the same vision tokens per row."""
     from covipal.ppm import PPM, PPMConfig

@@ -9,6 +9,10 @@ share of the row's ground-truth relevant cells among the vision tokens the metho
 
 At ``r = 1`` every registered method leaves the model's computation unchanged bit for bit
 (tested in ``tests/test_pruning_*``), so the unpruned pass stands for every method there.
+Likewise, where a method's pruning schedule (``Pruner.schedule``: tokens left from each
+layer on) at a ratio equals its schedule at a higher ratio of the same batch (an in-LLM
+method below the lowest budget it can reach), it keeps the same tokens in every layer, and
+that ratio's outcomes are reused (tested in ``tests/test_evaluation.py``).
 
 The vision tower and projector run once per batch: their output is passed to every pass
 as LLaVA's ``mm_encoder_outputs``, except to methods that hook the tower themselves
@@ -84,6 +88,7 @@ def evaluate_methods(model, inputs, rows: list[dict], make_pruner: Callable[[str
     relevant = [relevant_tokens(r["relevant"], len(r["images"]), processor) for r in rows]
     plan = batches(rows, batch_size)
     tower = model.model.vision_tower
+    n_layers = model.config.get_text_config().num_hidden_layers
     bar = tqdm(total=len(plan) * (1 + len(methods) * len(pruned)), desc="evaluate", disable=not progress,
                mininterval=5)
     for idx in plan:
@@ -103,7 +108,15 @@ def evaluate_methods(model, inputs, rows: list[dict], make_pruner: Callable[[str
                 res.correct[idx], res.entering[idx], res.layer_average[idx] = hit, n_vision, n_vision
                 res.n_vision[idx] = n_vision
                 res.relevant_kept[idx] = [np.nan if not relevant[i] else 1.0 for i in idx]
+            ran: dict[tuple, float] = {}  # schedule -> the ratio that ran it on this batch
             for ratio in pruned:
+                key = _schedule(make_pruner(m, ratio), n_vision, n_layers)
+                if key is not None and key in ran:
+                    _copy(out[(m, ran[key])], out[(m, ratio)], idx)
+                    bar.update()
+                    continue
+                if key is not None:
+                    ran[key] = ratio
                 before = _hooks(tower)
                 with make_pruner(m, ratio)(model) as run:
                     reads_tower = _hooks(tower) > before  # the method hooked the tower: give it the pixels
@@ -121,6 +134,17 @@ def evaluate_methods(model, inputs, rows: list[dict], make_pruner: Callable[[str
                 bar.update()
     bar.close()
     return out
+
+
+def _schedule(pruner, n_vision: np.ndarray, n_layers: int) -> tuple | None:
+    """The pruner's schedule for a batch whose rows all have the same number of vision tokens."""
+    sizes = set(n_vision.tolist())
+    return tuple(pruner.schedule(int(sizes.pop()), n_layers)) if len(sizes) == 1 else None
+
+
+def _copy(src: Results, dst: Results, idx: list[int]) -> None:
+    for name in ("correct", "entering", "layer_average", "relevant_kept", "n_vision"):
+        getattr(dst, name)[idx] = getattr(src, name)[idx]
 
 
 def _hooks(module: torch.nn.Module) -> int:

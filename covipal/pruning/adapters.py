@@ -9,7 +9,7 @@ positions of the pruned sequence are made:
   image's layout stays in the rotary phases, as in FastV's and DART's reference code and
   the in-LLM methods here; decoding continues from the full prompt's last position + 1,
   as it would without pruning. (Renumbering the kept tokens ``0..n_kept-1`` instead cost
-  the reference model 6-7 accuracy points at r = 0.25: docs/evaluation.md.)
+  a reference model 6-7 accuracy points on images: docs/evaluation.md.)
 - ``"mrope"`` (Qwen2-VL, Qwen2.5-VL): the model's 3-D M-RoPE positions are computed on the
   full sequence and gathered at the kept indices, so every kept token keeps its
   temporal/height/width position; decoding continues from the full prompt's last

@@ -21,6 +21,9 @@ Validation and test scenes are drawn in handwriting (scans) that training never 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -88,16 +91,34 @@ def build_world(cfg: DataConfig, sizes: dict[str, int] | None = None):
     from datasets import Dataset, DatasetDict
 
     sizes = sizes or {"train": cfg.sizes.train, "validation": cfg.sizes.validation, "test": cfg.sizes.test}
-    pools = scan_pools(cfg.seed)
+    workers = min(os.cpu_count() or 1, 8)
     out = {}
-    for split in SPLITS:
-        rows = []
-        for i in tqdm(range(sizes[split]), desc=f"digit world {split}", mininterval=2):
-            row = make_sample(cfg, split, i, pools)
-            row["images"] = [_png(im) for im in row["images"]]
-            rows.append(row)
-        out[split] = Dataset.from_list(rows, features=features())
+    # rows depend only on (seed, split, index), so chunks built in other processes come out the same;
+    # forked workers (numpy and PIL only) need no `if __name__ == "__main__"` guard in the caller
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+        for split in SPLITS:
+            n = sizes[split]
+            step = max(1, min(CHUNK, -(-n // workers)))
+            chunks = [pool.submit(_encoded_rows, cfg, split, start, min(start + step, n)) for start in range(0, n, step)]
+            rows = []
+            for chunk in tqdm(chunks, desc=f"digit world {split}", unit="chunk", mininterval=2):
+                rows += chunk.result()
+            out[split] = Dataset.from_list(rows, features=features())
     return DatasetDict(out)
+
+
+CHUNK = 1000  # rows per task of the process pool
+
+
+def _encoded_rows(cfg: DataConfig, split: str, start: int, stop: int) -> list[dict]:
+    """Rows ``start..stop-1`` of ``split`` with their images encoded as PNG."""
+    pools = scan_pools(cfg.seed)
+    rows = []
+    for i in range(start, stop):
+        row = make_sample(cfg, split, i, pools)
+        row["images"] = [_png(im) for im in row["images"]]
+        rows.append(row)
+    return rows
 
 
 def _png(pixels: np.ndarray) -> dict:
