@@ -179,8 +179,8 @@ def grounding_targets(processor: ReferenceProcessor, rows: list[dict], inputs: d
     that predicts the answer; padded turns repeat the last one), and ``relevant`` (B, T, L)
     bool: the input positions of that turn's relevant cells, plus the ``<s>`` token (input
     position 0: batches are right-padded) for turns whose question type is in ``sink``.
-    All False on padded turns, and where a turn without a sink has no relevant cell (e.g.
-    "what colour is the 3" never has none; "is there a 3" without a sink, when there is none).
+    All False on padded turns, and on a turn with no relevant cell and no sink (e.g. "is there
+    a 3" when there is none and presence is not in ``sink``).
     """
     labels, ids = inputs["labels"].cpu(), inputs["input_ids"].cpu()
     B, L = ids.shape
@@ -322,8 +322,9 @@ def train_llm(model, processor: ReferenceProcessor, train: EncodedSplit, val: En
         if cfg.prune_share > 0:
             about = relevant if probe is not None else grounding_targets(
                 processor, [train.rows[i] for i in idx], inputs)[1].to(model.device)  # (B, T, L)
-            inputs["attention_mask"] = pruned_view(inputs["attention_mask"], inputs["input_ids"] == processor.image_token_id,
-                                                   about.any(1), cfg.prune_share, cfg.prune_max, torch_rng)
+            vision = inputs["input_ids"] == processor.image_token_id
+            inputs["attention_mask"] = pruned_view(inputs["attention_mask"], vision, about.any(1), cfg.prune_share,
+                                                   cfg.prune_max, torch_rng)
         out = model(**inputs)
         loss = out.loss
         grounding = grounding_loss(probe.probs, relevant) if probe is not None else torch.zeros(())
