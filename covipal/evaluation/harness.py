@@ -110,7 +110,8 @@ def evaluate_methods(model, inputs, rows: list[dict], make_pruner: Callable[[str
                 res.relevant_kept[idx] = [np.nan if not relevant[i] else 1.0 for i in idx]
             ran: dict[tuple, float] = {}  # schedule -> the ratio that ran it on this batch
             for ratio in pruned:
-                key = _schedule(make_pruner(m, ratio), n_vision, n_layers)
+                pruner = make_pruner(m, ratio)
+                key = _schedule(pruner, n_vision, n_layers)
                 if key is not None and key in ran:
                     _copy(out[(m, ran[key])], out[(m, ratio)], idx)
                     bar.update()
@@ -118,7 +119,7 @@ def evaluate_methods(model, inputs, rows: list[dict], make_pruner: Callable[[str
                 if key is not None:
                     ran[key] = ratio
                 before = _hooks(tower)
-                with make_pruner(m, ratio)(model) as run:
+                with pruner(model) as run:
                     reads_tower = _hooks(tower) > before  # the method hooked the tower: give it the pixels
                     logits = model(**(prompt if reads_tower else encoded), logits_to_keep=1).logits[:, -1]
                 res = out[(m, ratio)]
