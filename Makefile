@@ -14,6 +14,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[dev]'
+	@# DeepSpeed compiles its CPU shared-memory comm op on first use (about 40 s); do it at setup,
+	@# as DeepSpeed's pre-built ops would, so the first training stage does not pay for it.
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()" \
+		|| echo "note: DeepSpeed's shm comm op did not build now; DeepSpeed will try again when it starts"
 	touch $@
 
 run: venv

@@ -121,6 +121,13 @@ class BaseTraining:
     # question types whose grounding target also holds <s>, a sink whose share tells the count
     grounding_sink: list[Literal["position", "colour", "presence", "count", "relation"]] = Field(
         default_factory=lambda: ["count", "presence"])
+    # question types grounded on another head of that layer than head 0 (e.g. position lookups,
+    # which match a cell name to the tower's row/column features, on a head of their own)
+    grounding_heads: dict[Literal["position", "colour", "presence", "count", "relation"], int] = Field(
+        default_factory=dict)
+    # question types grounded on the cell of the digit they name only, not on every relevant cell
+    grounding_named_only: list[Literal["position", "colour", "presence", "count", "relation"]] = Field(
+        default_factory=list)
     # share of training conversations seen with part of their irrelevant vision tokens masked out,
     # as a pruner removes them; each such token is masked with a probability drawn from [0, prune_max]
     prune_share: float = Field(0.5, ge=0, le=1)
@@ -432,6 +439,12 @@ class Params:
             raise ConfigError(
                 f"base.grounding_layer: {self.base.grounding_layer} is beyond the reference LLM's depth "
                 f"({self.model.reference.text_layers} layers); set it to at most {self.model.reference.text_layers - 1}")
+        heads = self.model.reference.text_heads
+        beyond = {t: h for t, h in self.base.grounding_heads.items() if not 0 <= h < heads}
+        if self.model.source == "reference" and beyond:
+            raise ConfigError(
+                f"base.grounding_heads: {beyond} names heads the reference LLM does not have "
+                f"(model.reference.text_heads: {heads}, numbered 0..{heads - 1}); use at most {heads - 1}")
         for stage in ("stage1", "stage2"):
             self.deepspeed_for(stage)
         source = self.data.source

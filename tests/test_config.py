@@ -23,6 +23,8 @@ def test_repository_params_are_valid():
     ({"evaluate": {"rows": 0}}, "evaluate.rows", "allowed range"),
     ({"targets": {"guide_layer": 4}}, "targets.guide_layer", "at most 3"),
     ({"base": {"grounding_layer": 4}}, "base.grounding_layer", "at most 3"),
+    ({"base": {"grounding_heads": {"position": 2}}}, "base.grounding_heads", "at most 1"),
+    ({"base": {"grounding_heads": {"smell": 1}}}, "base.grounding_heads", "listed values"),
     ({"data": {"source": "./no/such/folder"}}, "data.source", "does not exist"),
     ({"data": {"image": {"question_types": ["colour", "smell"]}}}, "data.image.question_types", "listed values"),
     ({"data": {"image": {"digits": 99}}}, "image.digits", "fit in grid"),

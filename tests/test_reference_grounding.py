@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from covipal.config import DataConfig
-from covipal.reference.train import AttentionRows, grounding_loss, grounding_targets
+from covipal.reference.train import AttentionRows, grounding_loss, grounding_targets, turn_heads
 from covipal.world.dataset import make_sample
 from covipal.world.scenes import scan_pools
 
@@ -58,6 +58,27 @@ def test_sink_types_also_point_at_the_bos_token(reference, batch):
     assert seen == {True, False}
 
 
+def test_named_only_types_point_at_the_named_digit_alone(reference, batch):
+    _, processor, _ = reference
+    rows, inputs = batch
+    _, every = grounding_targets(processor, rows, inputs)
+    _, named = grounding_targets(processor, rows, inputs, named_only=("relation",))
+    seen = 0
+    for j, row in enumerate(rows):
+        vision = (inputs["input_ids"][j] == processor.image_token_id).nonzero()[:, 0]
+        for t, turn in enumerate([row] + row["follow_ups"]):
+            if turn["question_type"] != "relation":
+                assert torch.equal(named[j, t], every[j, t])
+                continue
+            seen += 1
+            (f, r, c), (f2, r2, c2) = turn["relevant"]
+            assert (f2, r2, c2) == (f, r, c + 1)  # the world lists the named digit first
+            want = {int(vision[processor.token_index(f, r, c, row["n_frames"])])}
+            assert set(named[j, t].nonzero()[:, 0].tolist()) == want
+            assert every[j, t].sum().item() == 2
+    assert seen > 0
+
+
 def test_grounding_loss_is_cross_entropy_to_an_even_target_over_relevant_tokens():
     relevant = torch.zeros(1, 2, 10, dtype=torch.bool)
     relevant[0, 0, [3, 4]] = True  # turn 1 has no relevant token: ignored
@@ -69,6 +90,29 @@ def test_grounding_loss_is_cross_entropy_to_an_even_target_over_relevant_tokens(
     assert grounding_loss(probs, relevant).item() == pytest.approx(math.log(2), abs=1e-5)
     probs[0, 0, 0, [3, 4]] = torch.tensor([0.9, 0.1])  # all on the cells, but not evenly: worse
     assert grounding_loss(probs, relevant).item() > math.log(2) + 0.5
+
+
+def test_each_turn_is_grounded_on_the_head_named_for_its_question_type(batch):
+    rows, _ = batch
+    heads = turn_heads(rows, 8, {"position": 1})
+    seen = set()
+    for j, row in enumerate(rows):
+        turns = [row] + row["follow_ups"]
+        for t in range(8):
+            want = 1 if t < len(turns) and turns[t]["question_type"] == "position" else 0
+            assert heads[j, t].item() == want
+            seen.add(want)
+    assert seen == {0, 1}
+    relevant = torch.zeros(1, 2, 10, dtype=torch.bool)
+    relevant[0, :, 3] = True
+    probs = torch.full((1, 2, 2, 10), 0.1)
+    probs[0, 1, :, :] = 0.0
+    probs[0, 1, :, 3] = 1.0  # head 1 looks only at the cell, head 0 evenly everywhere
+    on_head_1 = torch.ones(1, 2, dtype=torch.long)
+    assert grounding_loss(probs, relevant, on_head_1).item() == pytest.approx(0.0, abs=1e-5)
+    assert grounding_loss(probs, relevant).item() == pytest.approx(-math.log(0.1), rel=1e-4)
+    mixed = torch.tensor([[1, 0]])  # turn 0 on head 1 (loss 0), turn 1 on head 0 (-log 0.1)
+    assert grounding_loss(probs, relevant, mixed).item() == pytest.approx(-math.log(0.1) / 2, rel=1e-4)
 
 
 def test_attention_rows_gives_differentiable_rows_of_the_layer(reference, batch):

@@ -172,13 +172,16 @@ def batch_inputs(model, processor: ReferenceProcessor, data: EncodedSplit, idx, 
     return inputs
 
 
-def grounding_targets(processor: ReferenceProcessor, rows: list[dict], inputs: dict, sink: tuple[str, ...] = ()):
+def grounding_targets(processor: ReferenceProcessor, rows: list[dict], inputs: dict, sink: tuple[str, ...] = (),
+                      named_only: tuple[str, ...] = ()):
     """Where each training turn asks and which tokens its grounded head should look at.
 
     Returns ``queries`` (B, T) long: position of each turn's last question word (the token
     that predicts the answer; padded turns repeat the last one), and ``relevant`` (B, T, L)
     bool: the input positions of that turn's relevant cells, plus the ``<s>`` token (input
-    position 0: batches are right-padded) for turns whose question type is in ``sink``.
+    position 0: batches are right-padded) for turns whose question type is in ``sink``. For
+    types in ``named_only`` only the first relevant cell counts (for a relation, the cell of the
+    digit the question names; the tower's feature there carries its right neighbour).
     All False on padded turns, and on a turn with no relevant cell and no sink (e.g. "is there
     a 3" when there is none and presence is not in ``sink``).
     """
@@ -192,7 +195,8 @@ def grounding_targets(processor: ReferenceProcessor, rows: list[dict], inputs: d
         vision = (ids[j] == processor.image_token_id).nonzero()[:, 0]
         turns = [row] + list(row.get("follow_ups") or [])
         for t, turn in enumerate(turns[:len(asks[j])]):
-            for f, r, c in turn.get("relevant") or []:
+            cells = turn.get("relevant") or []
+            for f, r, c in cells[:1] if turn.get("question_type") in named_only else cells:
                 relevant[j, t, vision[processor.token_index(f, r, c, row["n_frames"])]] = True
             if turn.get("question_type") in sink:
                 relevant[j, t, 0] = True
@@ -220,15 +224,28 @@ class AttentionRows:
         self._handle.remove()
 
 
-def grounding_loss(probs: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of head 0's attention against a target spread evenly over the ``relevant``
-    tokens, averaged over the turns that have any: probs (B, H, T, L), relevant (B, T, L)
-    bool -> scalar. With one relevant token this is ``-log`` of the attention on it."""
+def turn_heads(rows: list[dict], n_turns: int, heads: dict[str, int]) -> torch.Tensor:
+    """(B, T) long: the grounded head of each training turn, ``heads[question_type]`` or 0."""
+    out = torch.zeros(len(rows), n_turns, dtype=torch.long)
+    for j, row in enumerate(rows):
+        for t, turn in enumerate(([row] + list(row.get("follow_ups") or []))[:n_turns]):
+            out[j, t] = heads.get(turn.get("question_type"), 0)
+    return out
+
+
+def grounding_loss(probs: torch.Tensor, relevant: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of each turn's grounded head's attention against a target spread evenly over
+    the ``relevant`` tokens, averaged over the turns that have any: probs (B, H, T, L), relevant
+    (B, T, L) bool, heads (B, T) long (None: head 0 everywhere) -> scalar. With one relevant
+    token this is ``-log`` of the attention on it."""
     has = relevant.any(-1)  # (B, T)
     if not has.any():
         return probs.sum() * 0.0
+    B, H, T, L = probs.shape
+    heads = torch.zeros(B, T, dtype=torch.long, device=probs.device) if heads is None else heads.to(probs.device)
+    grounded = probs.gather(1, heads[:, None, :, None].expand(B, 1, T, L))[:, 0]  # (B, T, L)
     target = relevant.float() / relevant.sum(-1, keepdim=True).clamp_min(1)
-    return -(target * torch.log(probs[:, 0] + 1e-6)).sum(-1)[has].mean()
+    return -(target * torch.log(grounded + 1e-6)).sum(-1)[has].mean()
 
 
 def pruned_view(attention_mask: torch.Tensor, vision: torch.Tensor, relevant: torch.Tensor, share: float,
@@ -316,18 +333,20 @@ def train_llm(model, processor: ReferenceProcessor, train: EncodedSplit, val: En
         idx = rng.choice(allowed, size=cfg.batch_size, replace=len(allowed) < cfg.batch_size)
         inputs = batch_inputs(model, processor, train, idx, train=True)
         if probe is not None:
+            batch_rows = [train.rows[i] for i in idx]
             probe.rows, relevant = (t.to(model.device) for t in
-                                    grounding_targets(processor, [train.rows[i] for i in idx], inputs,
-                                                      tuple(cfg.grounding_sink)))
-        if cfg.prune_share > 0:
-            about = relevant if probe is not None else grounding_targets(
+                                    grounding_targets(processor, batch_rows, inputs, tuple(cfg.grounding_sink),
+                                                      tuple(cfg.grounding_named_only)))
+            heads = turn_heads(batch_rows, relevant.shape[1], cfg.grounding_heads)
+        if cfg.prune_share > 0:  # every relevant cell of every turn stays visible
+            about = relevant if probe is not None and not cfg.grounding_named_only else grounding_targets(
                 processor, [train.rows[i] for i in idx], inputs)[1].to(model.device)  # (B, T, L)
             vision = inputs["input_ids"] == processor.image_token_id
             inputs["attention_mask"] = pruned_view(inputs["attention_mask"], vision, about.any(1), cfg.prune_share,
                                                    cfg.prune_max, torch_rng)
         out = model(**inputs)
         loss = out.loss
-        grounding = grounding_loss(probe.probs, relevant) if probe is not None else torch.zeros(())
+        grounding = grounding_loss(probe.probs, relevant, heads) if probe is not None else torch.zeros(())
         curriculum.update(_answer_accuracy(out.logits, inputs["labels"]))
         opt.zero_grad()
         (loss + cfg.grounding_weight * grounding).backward()
