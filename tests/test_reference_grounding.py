@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -167,6 +168,33 @@ def test_pruned_view_hides_only_irrelevant_vision_tokens():
     assert 16 < rows.sum() < 48  # about half the rows
     share = hidden[rows].sum(1).float() / 30  # of the 30 hideable tokens
     assert share.max() <= 1.0 and share.mean() < 0.7  # rates drawn from [0, 0.9]
+
+
+def test_salient_views_hide_empty_cells_before_digits():
+    from covipal.reference.train import _occupancy, pruned_view
+
+    B, L = 64, 40
+    vision = torch.zeros(B, L, dtype=torch.bool)
+    vision[:, 1:33] = True
+    relevant = torch.zeros(B, L, dtype=torch.bool)
+    relevant[:, [5, 6]] = True
+    occupied = torch.zeros(B, L, dtype=torch.bool)
+    occupied[:, 5:15] = True  # cells 5, 6 (relevant) and 8 more digits; the other 22 cells empty
+    mask = torch.ones(B, L, dtype=torch.long)
+    out = pruned_view(mask, vision, relevant, 1.0, 0.9, torch.Generator().manual_seed(0), occupied, salient=1.0)
+    hidden = out == 0
+    assert not (hidden & (relevant | ~vision)).any()
+    n = hidden.sum(1)
+    assert n.max() > 22  # some rows hide more than the empties ...
+    for j in range(B):  # ... and a row hides a digit only once every empty cell is hidden
+        if (hidden[j] & occupied[j]).any():
+            assert (hidden[j] | ~vision[j] | occupied[j]).all()
+    plain = pruned_view(mask, vision, relevant, 1.0, 0.9, torch.Generator().manual_seed(0))
+    again = pruned_view(mask, vision, relevant, 1.0, 0.9, torch.Generator().manual_seed(0), occupied, salient=0.0)
+    assert torch.equal(plain, again)  # salient 0: the default views, draw for draw
+    pics = -np.ones((1, 3, 16, 16), dtype=np.float32)
+    pics[0, 1, 9, 2] = 0.5  # one lit pixel in patch (row 1, col 0)
+    assert _occupancy(pics).tolist() == [False, False, True, False]
 
 
 def test_a_hidden_token_is_a_removed_token_with_positions_kept(reference):

@@ -128,12 +128,14 @@ class EncodedSplit:
     """A split with its frozen tower features computed once.
 
     ``features[i]``: (n_pictures_i, n_tokens, tower_hidden) float16 for row i;
+    ``occupied[i]``: (n_pictures_i * n_tokens,) bool, vision tokens whose cell is not empty;
     ``rows[i]`` holds the row's other columns plus ``n_frames``.
     """
 
     def __init__(self, model, processor: ReferenceProcessor, split, batch: int = 256):
         self.rows = split.remove_columns("images").to_list()
         self.features: list[torch.Tensor] = []
+        self.occupied: list[torch.Tensor] = []
         tower = model.model.vision_tower
         images = split.select_columns(["images"])
         for start in tqdm(range(0, len(split), batch), desc="tower features", mininterval=5):
@@ -142,6 +144,7 @@ class EncodedSplit:
             for j, frames in enumerate(chunk):
                 self.rows[start + j]["n_frames"] = len(frames)
             counts = [len(p) for p in pics]
+            self.occupied.extend(torch.from_numpy(_occupancy(p)) for p in pics)
             with torch.no_grad():
                 pixels = torch.from_numpy(np.concatenate(pics)).to(model.device)
                 h = tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
@@ -149,6 +152,22 @@ class EncodedSplit:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+
+def _occupancy(pictures: np.ndarray) -> np.ndarray:
+    """(n, 3, px, px) pictures in [-1, 1] -> (n * (px / 8)^2,) bool: 8x8 patches (vision tokens,
+    in order) with any lit pixel. Cells are drawn on black, so an empty cell is all -1."""
+    n, _, px, _ = pictures.shape
+    g = px // 8
+    return (pictures > -1).reshape(n, 3, g, 8, g, 8).any(axis=(1, 3, 5)).reshape(-1)
+
+
+def occupied_positions(processor: ReferenceProcessor, data: EncodedSplit, idx, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: input positions holding a vision token of a non-empty cell, for rows ``idx``."""
+    out = torch.zeros(input_ids.shape, dtype=torch.bool)
+    for j, i in enumerate(idx):
+        out[j, (input_ids[j] == processor.image_token_id).nonzero()[:, 0].cpu()] = data.occupied[i]
+    return out.to(input_ids.device)
 
 
 def batch_inputs(model, processor: ReferenceProcessor, data: EncodedSplit, idx, train: bool):
@@ -249,18 +268,30 @@ def grounding_loss(probs: torch.Tensor, relevant: torch.Tensor, heads: torch.Ten
 
 
 def pruned_view(attention_mask: torch.Tensor, vision: torch.Tensor, relevant: torch.Tensor, share: float,
-                max_drop: float, generator: torch.Generator) -> torch.Tensor:
+                max_drop: float, generator: torch.Generator, occupied: torch.Tensor | None = None,
+                salient: float = 0.0) -> torch.Tensor:
     """``attention_mask`` (B, L) with part of each chosen row's irrelevant vision tokens set to 0.
 
     ``vision`` (B, L) bool marks vision tokens, ``relevant`` (B, L) bool the tokens any turn
     of the row is about (never hidden). A row is chosen with probability ``share``; in it each
     other vision token is hidden with a probability drawn uniformly from ``[0, max_drop]``.
+    With ``salient > 0`` that share of the chosen rows instead hides that fraction of its other
+    tokens empty cells first (``occupied`` (B, L) bool marks the non-empty ones), leaving the
+    digit-rich set a salience-ranking pruner keeps.
     """
     B, L = attention_mask.shape
     device = attention_mask.device
     chosen = torch.rand(B, generator=generator).to(device) < share  # (B,)
     rate = (torch.rand(B, generator=generator) * max_drop).to(device)  # (B,)
-    hide = (torch.rand(B, L, generator=generator).to(device) < rate[:, None]) & vision & ~relevant & chosen[:, None]
+    noise = torch.rand(B, L, generator=generator).to(device)  # (B, L)
+    candidates = vision & ~relevant & chosen[:, None]
+    hide = (noise < rate[:, None]) & candidates
+    if salient > 0:
+        by_salience = (torch.rand(B, generator=generator).to(device) < salient) & chosen  # (B,)
+        n_hide = (rate * candidates.sum(1)).round().long()  # (B,)
+        priority = torch.where(candidates, noise + occupied.float(), float("inf"))  # empties in [0, 1) first
+        rank = priority.argsort(1).argsort(1)  # (B, L)
+        hide = torch.where(by_salience[:, None], (rank < n_hide[:, None]) & candidates, hide)
     return attention_mask.masked_fill(hide, 0)
 
 
@@ -342,8 +373,9 @@ def train_llm(model, processor: ReferenceProcessor, train: EncodedSplit, val: En
             about = relevant if probe is not None and not cfg.grounding_named_only else grounding_targets(
                 processor, [train.rows[i] for i in idx], inputs)[1].to(model.device)  # (B, T, L)
             vision = inputs["input_ids"] == processor.image_token_id
+            occupied = occupied_positions(processor, train, idx, inputs["input_ids"]) if cfg.prune_salient else None
             inputs["attention_mask"] = pruned_view(inputs["attention_mask"], vision, about.any(1), cfg.prune_share,
-                                                   cfg.prune_max, torch_rng)
+                                                   cfg.prune_max, torch_rng, occupied, cfg.prune_salient)
         out = model(**inputs)
         loss = out.loss
         grounding = grounding_loss(probe.probs, relevant, heads) if probe is not None else torch.zeros(())
