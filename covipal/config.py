@@ -132,8 +132,8 @@ class BaseTraining:
     # as a pruner removes them; each such token is masked with a probability drawn from [0, prune_max]
     prune_share: float = Field(0.5, ge=0, le=1)
     prune_max: float = Field(0.9, ge=0, le=1)
-    # share of those conversations that hide empty cells before digits (the kept set of a pruner
-    # that ranks by salience: digits, not background)
+    # share of those conversations that hide only empty cells, a share of them from [0, 1] (the
+    # digit-rich inputs a pruner that ranks by salience leaves, down to digits alone)
     prune_salient: float = Field(0.0, ge=0, le=1)
     eval_batch_size: int = Field(128, ge=1)
 

@@ -183,12 +183,9 @@ def test_salient_views_hide_empty_cells_before_digits():
     mask = torch.ones(B, L, dtype=torch.long)
     out = pruned_view(mask, vision, relevant, 1.0, 0.9, torch.Generator().manual_seed(0), occupied, salient=1.0)
     hidden = out == 0
-    assert not (hidden & (relevant | ~vision)).any()
-    n = hidden.sum(1)
-    assert n.max() > 22  # some rows hide more than the empties ...
-    for j in range(B):  # ... and a row hides a digit only once every empty cell is hidden
-        if (hidden[j] & occupied[j]).any():
-            assert (hidden[j] | ~vision[j] | occupied[j]).all()
+    assert not (hidden & (relevant | ~vision | occupied)).any()  # digits and relevant cells stay
+    share = hidden.sum(1).float() / 22  # of the 22 empty cells
+    assert share.max() > 0.9 and share.min() < 0.1  # shares drawn from [0, 1]: down to digits alone
     plain = pruned_view(mask, vision, relevant, 1.0, 0.9, torch.Generator().manual_seed(0))
     again = pruned_view(mask, vision, relevant, 1.0, 0.9, torch.Generator().manual_seed(0), occupied, salient=0.0)
     assert torch.equal(plain, again)  # salient 0: the default views, draw for draw

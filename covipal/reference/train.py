@@ -275,9 +275,9 @@ def pruned_view(attention_mask: torch.Tensor, vision: torch.Tensor, relevant: to
     ``vision`` (B, L) bool marks vision tokens, ``relevant`` (B, L) bool the tokens any turn
     of the row is about (never hidden). A row is chosen with probability ``share``; in it each
     other vision token is hidden with a probability drawn uniformly from ``[0, max_drop]``.
-    With ``salient > 0`` that share of the chosen rows instead hides that fraction of its other
-    tokens empty cells first (``occupied`` (B, L) bool marks the non-empty ones), leaving the
-    digit-rich set a salience-ranking pruner keeps.
+    With ``salient > 0`` that share of the chosen rows instead hides empty cells only
+    (``occupied`` (B, L) bool marks the non-empty ones), a share of them drawn uniformly from
+    ``[0, 1]``: the digit-rich inputs a pruner that ranks by salience leaves, down to digits alone.
     """
     B, L = attention_mask.shape
     device = attention_mask.device
@@ -288,10 +288,9 @@ def pruned_view(attention_mask: torch.Tensor, vision: torch.Tensor, relevant: to
     hide = (noise < rate[:, None]) & candidates
     if salient > 0:
         by_salience = (torch.rand(B, generator=generator).to(device) < salient) & chosen  # (B,)
-        n_hide = (rate * candidates.sum(1)).round().long()  # (B,)
-        priority = torch.where(candidates, noise + occupied.float(), float("inf"))  # empties in [0, 1) first
-        rank = priority.argsort(1).argsort(1)  # (B, L)
-        hide = torch.where(by_salience[:, None], (rank < n_hide[:, None]) & candidates, hide)
+        empty_rate = torch.rand(B, generator=generator).to(device)  # (B,)
+        background = candidates & ~occupied
+        hide = torch.where(by_salience[:, None], (noise < empty_rate[:, None]) & background, hide)
     return attention_mask.masked_fill(hide, 0)
 
 
