@@ -257,6 +257,8 @@ class Stage2Section:
 
     temperature: float = Field(1.0, gt=0)
     threshold: Literal["topk", "zero"] = "topk"
+    estimator: Literal["soft", "straight_through"] = "soft"   # straight_through: hard top-k forward
+    noise: float = Field(0.0, ge=0)  # straight_through: Gumbel scale of the training top-k
     lambda_bin: float = Field(0.5, ge=0)
     lambda_ratio: float = Field(5.0, ge=0)
     min_retention: float = Field(1e-6, gt=0, lt=1)
@@ -270,7 +272,8 @@ class Stage2Section:
 
         return Stage2Config(reserve_ratio=reserve_ratio, temperature=self.temperature, threshold=self.threshold,
                             lambda_bin=self.lambda_bin, lambda_ratio=self.lambda_ratio,
-                            min_retention=self.min_retention, epochs=self.epochs)
+                            min_retention=self.min_retention, epochs=self.epochs,
+                            estimator=self.estimator, noise=self.noise)
 
 
 

@@ -40,7 +40,7 @@ def main() -> None:
     from covipal.evaluation.cells import relevant_tokens
     from covipal.evaluation.harness import evaluate_methods
     from covipal.pruning.base import Pruner
-    from covipal.reference.train import _occupancy
+    from covipal.reference.train import occupancy
     from covipal.training.data import ReferenceInputs
 
     @dataclass
@@ -55,12 +55,13 @@ def main() -> None:
     model, processor = load_base(Path(args.model))
     inputs = ReferenceInputs(processor)
     split = load_from_disk(args.data)["test"]
-    rows = list(split.filter(lambda r: r["modality"] == args.modality and r["question_type"] in args.types))
+    rows = list(split.filter(lambda r: r["modality"] == args.modality and r["question_type"] in args.types,
+                             keep_in_memory=True))
     rng = np.random.default_rng(0)
     correct = defaultdict(list)
     for start in range(0, len(rows), args.batch):
         chunk = rows[start:start + args.batch]
-        occupied = [_occupancy(processor.pictures(inputs.frames(r))) for r in chunk]  # (n_v,) bool each
+        occupied = [occupancy(processor.pictures(inputs.frames(r))) for r in chunk]  # (n_v,) bool each
         width = max(len(o) for o in occupied)
         tables = {fill: torch.zeros(len(chunk), width) for fill in FILLS}
         for j, (row, occ) in enumerate(zip(chunk, occupied)):

@@ -40,7 +40,8 @@ def main() -> None:
 
     heads = {k: int(v) for k, v in (h.split("=") for h in args.heads)}
     model, processor = load_base(Path(args.model))
-    split = load_from_disk(args.data)["test"].filter(lambda r: r["modality"] == args.modality)
+    split = load_from_disk(args.data)["test"].filter(lambda r: r["modality"] == args.modality,
+                                                     keep_in_memory=True)
     data = EncodedSplit(model, processor, split.select(range(min(args.rows, len(split)))))
     answers = predict(model, processor, data, 64)
     probe = AttentionRows(model, args.layer)

@@ -171,7 +171,7 @@ def test_pruned_view_hides_only_irrelevant_vision_tokens():
 
 
 def test_salient_views_hide_empty_cells_before_digits():
-    from covipal.reference.train import _occupancy, pruned_view
+    from covipal.reference.train import occupancy, pruned_view
 
     B, L = 64, 40
     vision = torch.zeros(B, L, dtype=torch.bool)
@@ -191,7 +191,7 @@ def test_salient_views_hide_empty_cells_before_digits():
     assert torch.equal(plain, again)  # salient 0: the default views, draw for draw
     pics = -np.ones((1, 3, 16, 16), dtype=np.float32)
     pics[0, 1, 9, 2] = 0.5  # one lit pixel in patch (row 1, col 0)
-    assert _occupancy(pics).tolist() == [False, False, True, False]
+    assert occupancy(pics).tolist() == [False, False, True, False]
 
 
 def test_a_hidden_token_is_a_removed_token_with_positions_kept(reference):

@@ -10,7 +10,8 @@ from covipal.ppm import PPM, PPMConfig
 from covipal.pruning import n_keep
 from covipal.training import stage2
 from covipal.training.ds import DeepSpeedConfig
-from covipal.training.stage2 import Stage2Config, regularisers, retention, soft_forward
+from covipal.pruning import get_method, select
+from covipal.training.stage2 import Stage2Config, regularisers, retention, soft_forward, straight_through
 
 LAYOUT = [(2, 0), (0, 0), (1, 0)]
 
@@ -62,6 +63,42 @@ def test_topk_threshold_keeps_the_hard_top_k():
         assert (m[~mask] == 1).all() and (m > 0).all()
     binary, share = regularisers(torch.tensor([[1.0, 0.0, 0.5, 1.0]]), torch.tensor([[1, 1, 1, 0]]).bool(), 0.5)
     assert binary.item() == pytest.approx(0.25 / 3) and share.item() == 0.0
+
+
+def test_straight_through_keeps_the_hard_top_k_and_passes_the_gradient_on():
+    scores = torch.randn(3, 10, requires_grad=True)
+    mask = torch.arange(10)[None] < torch.tensor([[10], [7], [0]])
+    cfg = Stage2Config(reserve_ratio=0.25, estimator="straight_through", temperature=0.5)
+    m, log_m = straight_through(scores, mask, cfg)
+    kept = torch.zeros_like(mask)
+    for b, index in enumerate(select(scores.detach(), mask.sum(1), 0.25)):
+        kept[b, index] = True
+    assert torch.equal(m == 1, kept | ~mask) and (m[mask & ~kept] == cfg.min_retention).all()
+    weight = torch.randn(3, 10)
+    (log_m * weight).sum().backward()
+    torch.testing.assert_close(scores.grad, torch.where(mask, weight / 0.5, 0.0))
+
+
+def test_straight_through_noise_explores_in_training_only():
+    scores, mask = torch.randn(2, 16), torch.ones(2, 16, dtype=torch.bool)
+    cfg = Stage2Config(reserve_ratio=0.25, estimator="straight_through", noise=1.0)
+    with torch.no_grad():
+        plain = straight_through(scores, mask, cfg)[0]
+    assert torch.equal(plain, straight_through(scores, mask, Stage2Config(reserve_ratio=0.25))[0])
+    sampled = [straight_through(scores.requires_grad_(), mask, cfg)[0] for _ in range(20)]
+    assert all(((m == 1).sum(1) == n_keep(16, 0.25)).all() for m in sampled)
+    assert any(not torch.equal(m, plain) for m in sampled)
+
+
+def test_straight_through_forward_matches_hard_pruning():
+    model, (batch, _) = tiny_model("llava"), val_batches()[0]
+    ppm = small_ppm()
+    with torch.no_grad():
+        with get_method("covipal", reserve_ratio=0.5, ppm=ppm)(model):
+            want = model(**batch).logits[:, -1]
+        got = soft_forward(model, stage2.ppm_score_fn(ppm), batch,
+                           Stage2Config(reserve_ratio=0.5, estimator="straight_through"))
+    torch.testing.assert_close(got.output.logits[:, -1], want, rtol=1e-4, atol=1e-4)
 
 
 def test_answer_tokens_are_hidden_from_the_ppm():

@@ -144,7 +144,7 @@ class EncodedSplit:
             for j, frames in enumerate(chunk):
                 self.rows[start + j]["n_frames"] = len(frames)
             counts = [len(p) for p in pics]
-            self.occupied.extend(torch.from_numpy(_occupancy(p)) for p in pics)
+            self.occupied.extend(torch.from_numpy(occupancy(p)) for p in pics)
             with torch.no_grad():
                 pixels = torch.from_numpy(np.concatenate(pics)).to(model.device)
                 h = tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
@@ -154,7 +154,7 @@ class EncodedSplit:
         return len(self.rows)
 
 
-def _occupancy(pictures: np.ndarray) -> np.ndarray:
+def occupancy(pictures: np.ndarray) -> np.ndarray:
     """(n, 3, px, px) pictures in [-1, 1] -> (n * (px / 8)^2,) bool: 8x8 patches (vision tokens,
     in order) with any lit pixel. Cells are drawn on black, so an empty cell is all -1."""
     n, _, px, _ = pictures.shape

@@ -24,6 +24,16 @@ while gradients flow into the mask, SDPA is held to its math kernel: the backwar
 the memory-efficient kernel with a learned bias failed on an H200 ("LSE is not
 correctly aligned"; ``scripts/gpu_training_check.py`` checks this path).
 
+``estimator = "straight_through"`` (an option, off by default) keeps the forward hard:
+``m_k = 1`` for the top ``k`` scores and ``min_retention`` for the rest, exactly the tokens
+inference keeps, while the backward passes the gradient of ``log m_k`` to ``s_k / T``
+unchanged. A sigmoid passes almost nothing to scores far from ``tau`` (its slope
+``m (1 - m) / T`` vanishes there), so a kept token whose attention raises the answer loss
+(a distracting digit ranked well above the threshold) never learns to drop; here it
+does, and the token that was next in rank comes in. Dropped tokens get ~no gradient
+(their attention is ~0), so the ranking changes by kept tokens moving down or up. The
+two regularisers are constant under the hard forward (logged, not trained).
+
 Loss = LM loss on the answer tokens + ``lambda_bin * mean(m (1 - m))`` (pushes each
 retention towards 0 or 1) + ``lambda_ratio * mean_b (mean_k m - r)^2`` (keeps the kept
 share near ``r``). The LVLM is frozen (``requires_grad=False``, eval mode); only the PPM
@@ -43,7 +53,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from covipal.pruning.adapters import get_adapter
-from covipal.pruning.base import PruningContext, n_keep
+from covipal.pruning.base import PruningContext, n_keep, select
 from covipal.pruning.runtime import build_context
 from covipal.training.ds import DeepSpeedConfig, export_ppm, fit, initialize, run_fingerprint
 
@@ -59,7 +69,7 @@ class Stage2Config:
     reserve_ratio : float
         ``r``: kept share of vision tokens aimed at (and of the hard top-k in validation).
     temperature : float
-        ``T`` of the retention sigmoid, in score units.
+        ``T`` of the retention sigmoid, in score units (straight-through: the gradient scale).
     threshold : {"topk", "zero"}
         Where the sigmoid is centred (module docstring).
     lambda_bin, lambda_ratio : float
@@ -67,6 +77,13 @@ class Stage2Config:
     min_retention : float
         Floor of ``m`` so that ``log m`` stays finite.
     epochs : int
+    estimator : {"soft", "straight_through"}
+        Sigmoid retention, or hard top-k with a straight-through gradient (module docstring).
+    noise : float
+        Straight-through only: scale of the Gumbel noise added to the scores before the top-k
+        while gradients are on (0: none), so tokens near the threshold are sometimes kept
+        and learn whether they help (the Gumbel top-k samples ``k`` tokens from
+        ``softmax(s / noise)`` without replacement).
     """
 
     reserve_ratio: float = 0.25
@@ -76,6 +93,8 @@ class Stage2Config:
     lambda_ratio: float = 5.0
     min_retention: float = 1e-6
     epochs: int = 1
+    estimator: Literal["soft", "straight_through"] = "soft"
+    noise: float = 0.0
 
     def __post_init__(self):
         if not 0 < self.reserve_ratio <= 1:
@@ -84,6 +103,10 @@ class Stage2Config:
             raise ValueError("temperature must be > 0 and min_retention in (0, 1)")
         if self.threshold not in ("topk", "zero"):
             raise ValueError(f"threshold must be 'topk' or 'zero', got {self.threshold!r}")
+        if self.estimator not in ("soft", "straight_through"):
+            raise ValueError(f"estimator must be 'soft' or 'straight_through', got {self.estimator!r}")
+        if self.noise < 0:
+            raise ValueError(f"noise must be >= 0, got {self.noise!r}")
         if self.lambda_bin < 0 or self.lambda_ratio < 0 or self.epochs < 1:
             raise ValueError("lambda_bin and lambda_ratio must be >= 0, epochs >= 1")
 
@@ -104,6 +127,25 @@ def retention(scores: torch.Tensor, mask: torch.Tensor, cfg: Stage2Config) -> to
             tau = torch.where((k < n)[:, None], (kth + nxt) / 2, float("-inf"))  # all kept: m = 1
     m = torch.sigmoid((torch.where(mask, s, 0.0) - tau) / cfg.temperature).clamp_min(cfg.min_retention)
     return torch.where(mask, m, 1.0)
+
+
+def straight_through(scores: torch.Tensor, mask: torch.Tensor, cfg: Stage2Config
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard top-k retention ``m`` (B, n_v) in {min_retention, 1} (1 on padding) and ``log m``
+    whose gradient reaches ``scores`` (B, n_v) as ``d log m / d s = 1 / T``. While gradients
+    are on, the top-k ranks ``scores + noise * Gumbel``."""
+    mask = mask.bool()
+    s = scores.float()
+    ranked = s.detach()
+    if cfg.noise > 0 and torch.is_grad_enabled():
+        u = torch.rand_like(ranked).clamp(1e-9, 1 - 1e-9)
+        ranked = ranked - cfg.noise * torch.log(-torch.log(u))
+    kept = torch.zeros_like(mask)
+    for b, index in enumerate(select(torch.where(mask, ranked, float("-inf")), mask.sum(dim=1), cfg.reserve_ratio)):
+        kept[b, index] = True
+    m = torch.where(kept | ~mask, 1.0, cfg.min_retention)
+    log_m = m.log() + torch.where(mask, s - s.detach(), 0.0) / cfg.temperature
+    return m, log_m
 
 
 def soft_attention_mask(real: torch.Tensor, log_keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -155,9 +197,13 @@ def _soft_hooks(model: nn.Module, score_fn: ScoreFn, cfg: Stage2Config, exclude:
         prompt = real if exclude is None else real & ~exclude.to(real.device)
         ctx = build_context(embeds, prompt | vision, vision, ids, model)
         scores = score_fn(ctx)
-        m = retention(scores, ctx.vision_mask, cfg)
+        if cfg.estimator == "straight_through":
+            m, log_m = straight_through(scores, ctx.vision_mask, cfg)
+        else:
+            m = retention(scores, ctx.vision_mask, cfg)
+            log_m = m.log()
         log_keep = torch.zeros(real.shape, dtype=torch.float32, device=real.device)
-        log_keep = log_keep.scatter_add(1, ctx.vision_index, torch.where(ctx.vision_mask, m.log(), 0.0))
+        log_keep = log_keep.scatter_add(1, ctx.vision_index, torch.where(ctx.vision_mask, log_m, 0.0))
         state.update(scores=scores, retention=m, vision_mask=ctx.vision_mask)
         return args, {**kwargs, "attention_mask": soft_attention_mask(real, log_keep, embeds.dtype)}
 
