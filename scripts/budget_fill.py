@@ -2,11 +2,14 @@
 
     python scripts/budget_fill.py                       # models/base, test images, r = 0.25 and 0.125
     python scripts/budget_fill.py --modality video --types relation
+    python scripts/budget_fill.py --ppm models/stage1 models/ppm   # what each PPM's budget holds
 
 Every test question of the chosen types is answered by the base model pruned three ways, side
 by side on the same rows: the ground-truth relevant cells are always kept, and the rest of the
 budget (ceil(r n_v) tokens) is filled with other digits first, random cells, or empty cells
 first (random order within each group, seed 0). Prints accuracy per way, ratio and type.
+With ``--ppm``, prints instead what each PPM's own top-k holds on those rows: the share of the
+relevant cells kept, and the share of digits (non-empty cells) among its other kept tokens.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=["colour", "count", "relation"])
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.125])
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--ppm", nargs="+", help="PPM folders: report what their budgets hold instead")
     args = ap.parse_args()
 
     import numpy as np
@@ -57,6 +61,8 @@ def main() -> None:
     split = load_from_disk(args.data)["test"]
     rows = list(split.filter(lambda r: r["modality"] == args.modality and r["question_type"] in args.types,
                              keep_in_memory=True))
+    if args.ppm:
+        return ppm_budgets(model, inputs, rows, args)
     rng = np.random.default_rng(0)
     correct = defaultdict(list)
     for start in range(0, len(rows), args.batch):
@@ -82,6 +88,38 @@ def main() -> None:
         for fill in FILLS:
             print(f"{fill:14} {ratio:6.3f} " + " ".join(f"{np.mean(correct[(fill, ratio, t)]):9.3f}"
                                                          for t in args.types))
+
+
+def ppm_budgets(model, inputs, rows: list[dict], args) -> None:
+    """Per PPM and ratio: mean share of relevant cells kept, mean digit share of the other kept tokens."""
+    import numpy as np
+    import torch
+
+    from covipal.evaluation.cells import kept_tokens, relevant_tokens
+    from covipal.pruning import get_method
+    from covipal.reference.train import occupancy
+
+    processor = inputs.processor
+    print(f"{args.modality}: what each PPM keeps ({len(rows)} rows of {', '.join(args.types)})")
+    print(f"{'ppm':20} {'r':>6} {'relevant kept':>14} {'digits among the rest':>22}")
+    for ppm in args.ppm:
+        for ratio in args.ratios:
+            relevant_kept, digits = [], []
+            for start in range(0, len(rows), args.batch):
+                chunk = rows[start:start + args.batch]
+                prompt = inputs.prompt(chunk)
+                with torch.no_grad(), get_method("covipal", reserve_ratio=ratio, ppm=ppm)(model) as run:
+                    model(**prompt)
+                for j, row in enumerate(chunk):
+                    kept = kept_tokens(run.kept_vision[j], prompt["input_ids"][j], processor.image_token_id)
+                    relevant = set(relevant_tokens(row["relevant"], len(row["images"]), processor))
+                    occupied = occupancy(processor.pictures(inputs.frames(row)))
+                    rest = [k for k in kept if k not in relevant]
+                    if relevant:
+                        relevant_kept.append(np.mean([k in kept for k in relevant]))
+                    if rest:
+                        digits.append(np.mean(occupied[rest]))
+            print(f"{ppm:20} {ratio:6.3f} {np.mean(relevant_kept):14.3f} {np.mean(digits):22.3f}")
 
 
 if __name__ == "__main__":
