@@ -27,6 +27,8 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from test_pipeline_e2e import make_project
 
@@ -170,7 +172,7 @@ def test_scheduled_retraining_on_real_servers(tmp_path):
         body = {"inputs": {"vision": [rng.standard_normal((8, 32)).tolist()],
                            "text": [rng.standard_normal((3, 32)).tolist()],
                            "vision_mask": [[True] * 8], "text_mask": [[True] * 3]}, "params": {"reserve_ratio": 0.25}}
-        reply = requests.post(f"http://127.0.0.1:{serve_port}/invocations", json=body, timeout=60)
+        reply = HTTP.post(f"http://127.0.0.1:{serve_port}/invocations", json=body, timeout=60)
         assert reply.ok, reply.text
         out = reply.json()["predictions"]
         assert len(out["scores"][0]) == 8 and len(out["keep"][0]) == 2
@@ -189,7 +191,7 @@ def test_scheduled_retraining_on_real_servers(tmp_path):
         assert "resuming stage 2" in rerun.stdout and "resumed from" in rerun.stdout
         register = json.loads((proj / "metrics" / "register.json").read_text())
         assert register["version"] == 2 and register["champion"] == 1  # a tie keeps the champion
-        listed = requests.get(f"http://127.0.0.1:{mlflow_port}/api/2.0/mlflow/model-versions/search",
+        listed = HTTP.get(f"http://127.0.0.1:{mlflow_port}/api/2.0/mlflow/model-versions/search",
                               params={"filter": "name='covipal-ppm'"}, timeout=30).json()["model_versions"]
         assert sorted(int(v["version"]) for v in listed) == [1, 2]
     finally:
@@ -240,13 +242,26 @@ def registration_with_frozen_server(proj: Path, env: dict, server: subprocess.Po
     return proc
 
 
+def _session() -> requests.Session:
+    """Retries 429/502/503 with backoff, as Prefect's own client does: a busy server (SQLite
+    locked while the runner and the scheduler write) answers 503 "Service Unavailable"."""
+    session = requests.Session()
+    retry = Retry(total=6, backoff_factor=0.5, status_forcelist=(429, 502, 503), allowed_methods=None,
+                  raise_on_status=False)
+    session.mount("http://", HTTPAdapter(max_retries=retry))
+    return session
+
+
+HTTP = _session()
+
+
 def get(api: str, path: str):
-    reply = requests.get(api + path, timeout=10)
+    reply = HTTP.get(api + path, timeout=10)
     return reply.json() if reply.ok else None
 
 
 def post(api: str, path: str, body: dict):
-    reply = requests.post(api + path, json=body, timeout=10)
+    reply = HTTP.post(api + path, json=body, timeout=10)
     assert reply.ok, reply.text
     return reply.json()
 
