@@ -148,6 +148,15 @@ def straight_through(scores: torch.Tensor, mask: torch.Tensor, cfg: Stage2Config
     return m, log_m
 
 
+def retention_and_log(scores: torch.Tensor, mask: torch.Tensor, cfg: Stage2Config
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, log m)`` (B, n_v) of ``cfg.estimator``: :func:`retention` or :func:`straight_through`."""
+    if cfg.estimator == "straight_through":
+        return straight_through(scores, mask, cfg)
+    m = retention(scores, mask, cfg)
+    return m, m.log()
+
+
 def soft_attention_mask(real: torch.Tensor, log_keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """4-D additive mask (B, 1, L, L) in ``dtype``.
 
@@ -197,11 +206,7 @@ def _soft_hooks(model: nn.Module, score_fn: ScoreFn, cfg: Stage2Config, exclude:
         prompt = real if exclude is None else real & ~exclude.to(real.device)
         ctx = build_context(embeds, prompt | vision, vision, ids, model)
         scores = score_fn(ctx)
-        if cfg.estimator == "straight_through":
-            m, log_m = straight_through(scores, ctx.vision_mask, cfg)
-        else:
-            m = retention(scores, ctx.vision_mask, cfg)
-            log_m = m.log()
+        m, log_m = retention_and_log(scores, ctx.vision_mask, cfg)
         log_keep = torch.zeros(real.shape, dtype=torch.float32, device=real.device)
         log_keep = log_keep.scatter_add(1, ctx.vision_index, torch.where(ctx.vision_mask, log_m, 0.0))
         state.update(scores=scores, retention=m, vision_mask=ctx.vision_mask)
