@@ -90,6 +90,7 @@ class ReferenceModel:
     text_layers: int = Field(4, ge=1)
     text_heads: int = Field(2, ge=1)
     text_intermediate: int = Field(384, ge=8)
+    rope_theta: float = Field(10000.0, gt=0)  # the decoder's RoPE base (larger: slower turning, more content matching)
 
 
 @dataclass(config=STRICT)
@@ -135,6 +136,9 @@ class BaseTraining:
     # share of those conversations that hide only empty cells, a share of them from [0, 1] (the
     # digit-rich inputs a pruner that ranks by salience leaves, down to digits alone)
     prune_salient: float = Field(0.0, ge=0, le=1)
+    # weight of the answer loss read at every intermediate decoder layer through the final norm
+    # and LM head (deep supervision: the layers below learn to carry the answer, not only the last)
+    deep_supervision: float = Field(0.0, ge=0)
     eval_batch_size: int = Field(128, ge=1)
 
 

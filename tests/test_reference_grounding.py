@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from covipal.config import DataConfig
-from covipal.reference.train import AttentionRows, grounding_loss, grounding_targets, turn_heads
+from covipal.reference.train import (AttentionRows, grounding_loss, grounding_targets, intermediate_answer_loss,
+                                     turn_heads)
 from covipal.world.dataset import make_sample
 from covipal.world.scenes import scan_pools
 
@@ -135,6 +136,41 @@ def test_attention_rows_gives_differentiable_rows_of_the_layer(reference, batch)
         probe.remove()
         model.zero_grad()
     assert not model.model.language_model.layers[1].self_attn._forward_pre_hooks
+
+
+def test_deep_supervision_is_the_answer_loss_read_at_the_intermediate_layers(reference, batch):
+    model, processor, _ = reference
+    rows, inputs = batch
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                pixel_values=_pixels(processor, rows), labels=inputs["labels"], output_hidden_states=True)
+    lm = model.model.language_model
+    assert len(out.hidden_states) == len(lm.layers) + 1 == 3  # embeddings, after layer 0, final (normed)
+    # by hand: the LM head on the normed state after layer 0, cross-entropy on the answer words only
+    logits = model.lm_head(lm.norm(out.hidden_states[1]))[:, :-1]  # (B, L - 1, V)
+    target = inputs["labels"][:, 1:]
+    answers = target != -100
+    assert answers.sum() == sum(1 + len(r["follow_ups"]) for r in rows)
+    want = -torch.log_softmax(logits, -1)[answers].gather(-1, target[answers][:, None]).mean()
+    got = intermediate_answer_loss(model, out.hidden_states, inputs["labels"])
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, out.loss)  # not the final layer's loss over again
+    got.backward()
+    assert lm.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
+    assert lm.layers[1].mlp.down_proj.weight.grad is None  # above the read-out layer: no gradient
+    model.zero_grad()
+
+
+def test_the_rope_base_reaches_the_decoder():
+    from covipal.config import ReferenceModel
+    from covipal.reference.model import build_reference
+
+    small = dict(vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2,
+                 text_intermediate=64)
+    slow, default = (build_reference(ReferenceModel(**small, rope_theta=theta)) for theta in (1e9, 1e4))
+    assert slow.config.text_config.rope_parameters["rope_theta"] == 1e9
+    inv_slow = slow.model.language_model.rotary_emb.inv_freq
+    inv_default = default.model.language_model.rotary_emb.inv_freq
+    assert inv_slow[-1] < inv_default[-1] / 100  # its slowest dimension turns far more slowly
 
 
 def _pixels(processor, rows):

@@ -16,7 +16,7 @@ def build_reference(cfg: ReferenceModel, image_px: int = 64, seed: int = 0):
                               image_size=image_px, patch_size=PATCH, projection_dim=cfg.vision_hidden)
     text = LlamaConfig(hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
                        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                       num_key_value_heads=cfg.text_heads, vocab_size=len(vocabulary()),
+                       num_key_value_heads=cfg.text_heads, vocab_size=len(vocabulary()), rope_theta=cfg.rope_theta,
                        max_position_embeddings=1024, pad_token_id=SPECIALS.index("<pad>"),
                        bos_token_id=SPECIALS.index("<s>"), eos_token_id=SPECIALS.index("</s>"))
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=SPECIALS.index("<image>"),
