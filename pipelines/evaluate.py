@@ -1,6 +1,7 @@
 """DVC stage ``evaluate``: accuracy of every method at every reserve ratio on the test split.
 
-Writes metrics/evaluate.json, plots/evaluate_accuracy.csv and reports/evaluate.md, logs them
+Writes metrics/evaluate.json, plots/evaluate_accuracy.csv, its figure plots/evaluate/accuracy.png
+and reports/evaluate.md, logs them
 to MLflow, and tags the evaluated PPM's registry version with its numbers.
 """
 
@@ -8,6 +9,7 @@ import csv
 
 from common import ROOT, stage
 
+from covipal.evaluation.figure import plot_accuracy
 from covipal.evaluation.registry import attach, find_version
 from covipal.evaluation.stage import run_evaluate
 from covipal.evaluation.summary import CSV_FIELDS, leads_report, ratio_key, report
@@ -31,12 +33,15 @@ def main() -> None:
                 writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
                 writer.writeheader()
                 writer.writerows(records)
+        with atomic_output(ROOT / "plots" / "evaluate" / "accuracy.png") as tmp:
+            plot_accuracy(records, tmp)
         markdown = report(records, params.evaluate.confidence) + leads_report(result["leads"], "covipal",
                                                                               params.evaluate.confidence)
         with atomic_output(ROOT / "reports" / "evaluate.md") as tmp:
             tmp.write_text(markdown)
         run.metrics({"rows": result["rows"], "minutes": result["minutes"], **result["metrics"]})
-        for path in ("metrics/evaluate.json", "plots/evaluate_accuracy.csv", "reports/evaluate.md"):
+        for path in ("metrics/evaluate.json", "plots/evaluate_accuracy.csv", "plots/evaluate/accuracy.png",
+                     "reports/evaluate.md"):
             run.artifact(ROOT / path)
         print(markdown)
         if "covipal" in params.evaluate.methods:

@@ -34,18 +34,25 @@ def merge(into: dict, over: dict) -> dict:
     return into
 
 
+def variant_params(over: dict):
+    """``params.yaml`` with ``over`` merged in, checked (a bad key fails here, before any training)."""
+    import yaml
+
+    from covipal.config import parse_params
+
+    return parse_params(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), over), ROOT)
+
+
 def run_one(name: str, over: dict, out: Path) -> None:
     """Train one variant in this process and write ``out/NAME.json``."""
     import tempfile
 
     import torch
-    import yaml
 
     from covipal.base_model import build_base
-    from covipal.config import parse_params
 
     torch.set_num_threads(int(os.environ.get("SWEEP_THREADS", "1")))
-    params = parse_params(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), over), ROOT)
+    params = variant_params(over)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         result = build_base(params, ROOT / "data" / "world", Path(tmp) / "model", log=lambda m: print(name, m))
@@ -66,7 +73,7 @@ def main() -> None:
         return run_one(args.one[0], json.loads(args.one[1]), args.out)
     variants = [line.split(maxsplit=1) for line in args.variants.read_text().splitlines() if line.strip()]
     for name, over in variants:
-        json.loads(over)  # a malformed line fails before any training
+        variant_params(json.loads(over))  # a malformed line or a bad key fails before any training
 
     def launch(variant: list[str]) -> str:
         name, over = variant

@@ -211,6 +211,27 @@ def test_table_metrics_and_report():
     assert "0.250 [" in (flagged := report(table(res, rows, 200, 0.95, 0), 0.95)) and "] †" in flagged
 
 
+def test_accuracy_figure_from_records_and_from_the_csv(tmp_path, monkeypatch):
+    import csv
+
+    from covipal.evaluation.figure import main, plot_accuracy
+    from covipal.evaluation.summary import CSV_FIELDS
+
+    rows, res = synthetic()
+    records = table(res, rows, n_bootstrap=200, confidence=0.95, seed=0)
+    drawn = plot_accuracy(records, tmp_path / "a.png")
+    assert drawn == {"image": ["a"], "video": ["a"]}
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(tmp_path / "acc.csv", "w", newline="") as f:  # the stage's CSV: every value a string
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(records)
+    main([str(tmp_path / "acc.csv"), str(tmp_path / "figures" / "b.png")])
+    assert (tmp_path / "figures" / "b.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="run `dvc repro evaluate` first"):
+        main([str(tmp_path / "missing.csv"), str(tmp_path / "c.png")])
+
+
 # --- method checks ------------------------------------------------------------------------------
 
 
