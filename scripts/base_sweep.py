@@ -9,7 +9,8 @@ the prepared ``data/world`` in a process of its own (``--parallel`` at a time, `
 torch threads each), on the GPU when there is one. It writes ``NAME.json`` (test accuracy per
 question type, validation history, seconds) and ``NAME.log`` into ``--out``, and prints one
 line per variant. The models themselves are not kept. Several small models share one GPU
-well: 14 variants in 5.5 minutes on one H200 (16 CPU cores).
+well: the sweep in docs/reference_model.md (14 variants, one CPU thread each, through the same
+``build_base`` path from an earlier, ad-hoc form of this script) took 5.5 minutes on one H200.
 """
 
 from __future__ import annotations
