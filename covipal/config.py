@@ -64,6 +64,10 @@ class DataConfig:
     seed: int = 0
     video_share: float = Field(0.4, ge=0.0, le=1.0)  # fraction of samples that are videos
     train_turns: int = Field(8, ge=1)  # questions per training scene (a multi-turn conversation)
+    # relative weight of each question type among the follow-up turns of training scenes (types not
+    # named weigh 1; the first question of every row, and so validation and test, stay uniform)
+    follow_up_weights: dict[Literal["position", "colour", "presence", "count", "relation"],
+                            float] = Field(default_factory=dict)
     sizes: Sizes = Field(default_factory=Sizes)
     image: ImageWorld = Field(default_factory=ImageWorld)
     video: VideoWorld = Field(default_factory=VideoWorld)
@@ -76,6 +80,11 @@ class DataConfig:
             raise ValueError(f"image.digits ({self.image.digits}) must fit in grid**2 = {self.image.grid ** 2} cells")
         if self.video.min_train_digits > self.video.digits:
             raise ValueError("video.min_train_digits must be at most video.digits")
+        if any(w < 0 for w in self.follow_up_weights.values()):
+            raise ValueError("follow_up_weights must be >= 0 (0 leaves a type out of the follow-ups)")
+        for name, world in (("image", self.image), ("video", self.video)):
+            if not any(self.follow_up_weights.get(t, 1.0) > 0 for t in world.question_types):
+                raise ValueError(f"follow_up_weights leave no {name} question type with a weight above 0")
         return self
 
 
@@ -110,6 +119,7 @@ class BaseTraining:
     seed: int = 0
     warmup_steps: int = Field(300, ge=0)  # vision tower warm-up on per-cell labels
     warmup_lr: float = Field(3e-3, gt=0)
+    warmup_batch_size: int = Field(64, ge=1)  # pictures per warm-up step
     steps: int = Field(2400, ge=1)  # projector + LLM steps, tower frozen
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-4, gt=0)

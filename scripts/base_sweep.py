@@ -5,7 +5,8 @@
 Each line of the variants file is a name and a JSON mapping merged into ``params.yaml``, e.g.
 ``S0 {"base": {"seed": 0, "deep_supervision": 0.5}, "model": {"reference": {"rope_theta": 1e9}}}``.
 Every variant runs the ``base`` stage's own training (:func:`covipal.base_model.build_base`) on
-the prepared ``data/world`` in a process of its own (``--parallel`` at a time, ``--threads``
+the prepared ``data/world`` (a variant that changes ``data`` prepares a world of its own first)
+in a process of its own (``--parallel`` at a time, ``--threads``
 torch threads each), on the GPU when there is one. It writes ``NAME.json`` (test accuracy per
 question type, validation history, seconds) and ``NAME.log`` into ``--out``, and prints one
 line per variant. The models themselves are not kept. Several small models share one GPU
@@ -56,7 +57,13 @@ def run_one(name: str, over: dict, out: Path) -> None:
     params = variant_params(over)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        result = build_base(params, ROOT / "data" / "world", Path(tmp) / "model", log=lambda m: print(name, m))
+        world = ROOT / "data" / "world"
+        if "data" in over:  # a data variant trains on a world of its own
+            from covipal.world.dataset import prepare
+
+            world = Path(tmp) / "world"
+            prepare(params.data, world, root=ROOT)
+        result = build_base(params, world, Path(tmp) / "model", log=lambda m: print(name, m))
     result.update(name=name, over=over, seconds=time.time() - t0)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
 

@@ -130,6 +130,19 @@ def test_same_seed_same_world_other_seed_other_world():
     assert any(differs)
 
 
+def test_follow_up_weights_shift_the_follow_ups_only():
+    weighted = DataConfig(follow_up_weights={"position": 4.0, "colour": 0.0})
+    plain, heavy = [], []
+    for i in range(40):
+        a, b = make_sample(CFG, "train", i), make_sample(weighted, "train", i)
+        assert (a["question"], a["answer"]) == (b["question"], b["answer"])  # the first question and scene stay
+        assert all(np.array_equal(x, y) for x, y in zip(a["images"], b["images"]))
+        plain += [t["question_type"] for t in a["follow_ups"]]
+        heavy += [t["question_type"] for t in b["follow_ups"]]
+    assert "colour" in plain and "colour" not in heavy
+    assert heavy.count("position") > 2 * plain.count("position")
+
+
 def test_answers_are_balanced(world):
     by_type = defaultdict(list)
     for row in world["train"]:

@@ -109,7 +109,8 @@ def warm_up_tower(model, processor: ReferenceProcessor, data: DataConfig, cfg: B
     acc = {}
     tower.train()
     for step in tqdm(range(cfg.warmup_steps), desc="tower warm-up", mininterval=5):
-        pixels, cells, present = (t.to(device) for t in _warmup_batch(rng, pool, processor, data, 64))
+        batch = _warmup_batch(rng, pool, processor, data, cfg.warmup_batch_size)
+        pixels, cells, present = (t.to(device) for t in batch)
         h = tower(pixels, output_hidden_states=True).hidden_states[-1]  # (B, 1 + n_cells, hidden)
         logits = {k: heads[k](h[:, 1:]) for k in ("digit", "colour", "row", "col", "right", "digit_colour", "digit_right")}
         loss = sum(ce(logits[k].flatten(0, 1), cells[..., i].flatten()) for i, k in enumerate(logits))

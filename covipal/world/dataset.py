@@ -68,8 +68,12 @@ def make_sample(cfg: DataConfig, split: str, index: int, pools=None) -> dict:
     types = list(world.question_types)
     s = sample_question(rng, pools[split], shape, types)
     follow_ups = []
+    weights = np.array([cfg.follow_up_weights.get(t, 1.0) for t in types])
     for _ in range(cfg.train_turns - 1 if split == "train" else 0):
-        qtype = types[int(rng.integers(len(types)))]
+        # uniform weights keep the draw (and so the data) of worlds built before the weights existed
+        uniform = np.all(weights == weights[0])
+        pick = rng.integers(len(types)) if uniform else rng.choice(len(types), p=weights / weights.sum())
+        qtype = types[int(pick)]
         turn = ask(rng, s.frames, qtype)
         if turn is not None:
             follow_ups.append({"question": turn[0], "answer": turn[1], "relevant": [list(t) for t in turn[2]],
