@@ -69,9 +69,8 @@ def make_sample(cfg: DataConfig, split: str, index: int, pools=None) -> dict:
     s = sample_question(rng, pools[split], shape, types)
     follow_ups = []
     weights = np.array([cfg.follow_up_weights.get(t, 1.0) for t in types])
+    uniform = np.all(weights == weights[0])  # then the draw (and so the data) is that of worlds before weights
     for _ in range(cfg.train_turns - 1 if split == "train" else 0):
-        # uniform weights keep the draw (and so the data) of worlds built before the weights existed
-        uniform = np.all(weights == weights[0])
         pick = rng.integers(len(types)) if uniform else rng.choice(len(types), p=weights / weights.sum())
         qtype = types[int(pick)]
         turn = ask(rng, s.frames, qtype)
