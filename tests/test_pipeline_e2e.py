@@ -107,6 +107,37 @@ def test_forced_stage2_registers_a_challenger_that_ties(project):
     assert registered["aliases"] == ["challenger"]
 
 
+def test_analysis_scripts_read_the_pipeline_outputs(project):
+    """scripts/budget_fill.py (both modes) and scripts/grounding_hits.py run on the trained tiny
+    outputs and print a table row per fill, PPM and question type."""
+    run = sh(project, sys.executable, "-m", "dvc", "repro", "stage2")  # a no-op after the first test
+    assert run.returncode == 0, run.stdout + run.stderr
+    common = ["--model", str(project / "models" / "base"), "--data", str(project / "data" / "world")]
+    types = ["position", "colour", "presence", "count", "relation"]
+    fill = sh(ROOT, sys.executable, "scripts/budget_fill.py", *common, "--types", *types, "--ratios", "0.25")
+    assert fill.returncode == 0, fill.stdout + fill.stderr
+    assert [line.split()[:2] for line in fill.stdout.splitlines()[2:]] == \
+        [["digits_first", "0.250"], ["random", "0.250"], ["empty_first", "0.250"]]
+    ppms = [str(project / "models" / "stage1"), str(project / "models" / "ppm")]
+    kept = sh(ROOT, sys.executable, "scripts/budget_fill.py", *common, "--types", *types, "--ratios", "0.25",
+              "--ppm", *ppms)
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+    rows = [line.split() for line in kept.stdout.splitlines()[2:]]
+    assert [r[:2] for r in rows] == [[ppms[0], "0.250"], [ppms[1], "0.250"]]
+    assert all(0 <= float(r[2]) <= 1 for r in rows)  # share of the relevant cells kept
+    hits = sh(ROOT, sys.executable, "scripts/grounding_hits.py", *common, "--rows", "12")
+    assert hits.returncode == 0, hits.stdout + hits.stderr
+    table = [line.split() for line in hits.stdout.splitlines() if line.split() and line.split()[0] in types]
+    assert table and sum(int(r[1]) for r in table) == image_test_rows(project)  # every image row, once
+
+
+def image_test_rows(project: Path) -> int:
+    """Number of image rows in the tiny project's test split."""
+    from datasets import load_from_disk
+
+    return sum(m == "image" for m in load_from_disk(str(project / "data" / "world"))["test"]["modality"])
+
+
 def check_evaluation(project: Path, tags: dict) -> None:
     """metrics/evaluate.json, the plot table, the report, and the PPM's numbers on its registry version."""
     ev = json.loads((project / "metrics" / "evaluate.json").read_text())
