@@ -98,3 +98,18 @@ def test_single_process_env_keeps_a_launchers_values(monkeypatch):
     import os
 
     assert os.environ["MASTER_PORT"] == "29999"
+
+
+def test_interpreter_tools_come_first_on_path_once(monkeypatch):
+    """DeepSpeed's JIT op build must always find this venv's ninja (each switch rebuilds the op)."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from covipal.training.ds import interpreter_tools_first
+
+    tools = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"]))
+    interpreter_tools_first()
+    interpreter_tools_first()
+    assert os.environ["PATH"].split(os.pathsep) == [tools, "/usr/bin", "/bin"]

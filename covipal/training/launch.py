@@ -92,9 +92,10 @@ def barrier() -> None:
         return
     import torch
 
-    from covipal.training.ds import single_process_env
+    from covipal.training.ds import interpreter_tools_first, single_process_env
 
     single_process_env()
+    interpreter_tools_first()
     if not torch.distributed.is_initialized():
         import deepspeed
 
