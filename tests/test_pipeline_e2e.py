@@ -107,27 +107,29 @@ def test_forced_stage2_registers_a_challenger_that_ties(project):
     assert registered["aliases"] == ["challenger"]
 
 
-def test_analysis_scripts_read_the_pipeline_outputs(project):
+def test_analysis_scripts_read_the_pipeline_outputs(project, monkeypatch, capsys):
     """scripts/budget_fill.py (both modes) and scripts/grounding_hits.py run on the trained tiny
     outputs and print a table row per fill, PPM and question type."""
+    import runpy
+
     run = sh(project, sys.executable, "-m", "dvc", "repro", "stage2")  # a no-op after the first test
     assert run.returncode == 0, run.stdout + run.stderr
     common = ["--model", str(project / "models" / "base"), "--data", str(project / "data" / "world")]
     types = ["position", "colour", "presence", "count", "relation"]
-    fill = sh(ROOT, sys.executable, "scripts/budget_fill.py", *common, "--types", *types, "--ratios", "0.25")
-    assert fill.returncode == 0, fill.stdout + fill.stderr
-    assert [line.split()[:2] for line in fill.stdout.splitlines()[2:]] == \
-        [["digits_first", "0.250"], ["random", "0.250"], ["empty_first", "0.250"]]
+
+    def script(name: str, *args: str) -> list[list[str]]:  # in this process: no second start-up
+        monkeypatch.setattr(sys, "argv", [name, *args])
+        runpy.run_path(str(ROOT / "scripts" / name), run_name="__main__")
+        return [line.split() for line in capsys.readouterr().out.splitlines()]
+
+    fill = script("budget_fill.py", *common, "--types", *types, "--ratios", "0.25")
+    assert [r[:2] for r in fill[2:]] == [["digits_first", "0.250"], ["random", "0.250"], ["empty_first", "0.250"]]
     ppms = [str(project / "models" / "stage1"), str(project / "models" / "ppm")]
-    kept = sh(ROOT, sys.executable, "scripts/budget_fill.py", *common, "--types", *types, "--ratios", "0.25",
-              "--ppm", *ppms)
-    assert kept.returncode == 0, kept.stdout + kept.stderr
-    rows = [line.split() for line in kept.stdout.splitlines()[2:]]
-    assert [r[:2] for r in rows] == [[ppms[0], "0.250"], [ppms[1], "0.250"]]
-    assert all(0 <= float(r[2]) <= 1 for r in rows)  # share of the relevant cells kept
-    hits = sh(ROOT, sys.executable, "scripts/grounding_hits.py", *common, "--rows", "12")
-    assert hits.returncode == 0, hits.stdout + hits.stderr
-    table = [line.split() for line in hits.stdout.splitlines() if line.split() and line.split()[0] in types]
+    kept = script("budget_fill.py", *common, "--types", *types, "--ratios", "0.25", "--ppm", *ppms)
+    assert [r[:2] for r in kept[2:]] == [[ppms[0], "0.250"], [ppms[1], "0.250"]]
+    assert all(0 <= float(r[2]) <= 1 for r in kept[2:])  # share of the relevant cells kept
+    hits = script("grounding_hits.py", *common, "--rows", "12")
+    table = [r for r in hits if r and r[0] in types]
     assert table and sum(int(r[1]) for r in table) == image_test_rows(project)  # every image row, once
 
 
