@@ -140,15 +140,23 @@ def interpreter_tools_first() -> None:
         os.environ["PATH"] = tools + os.pathsep + path if path else tools
 
 
-def initialize(ppm: nn.Module, cfg: DeepSpeedConfig):
-    """A DeepSpeed engine training the trainable parameters of ``ppm`` (and nothing else)."""
+def join_process_group() -> None:
+    """Join the process group (NCCL on a GPU, gloo on the CPU) if this process has not yet, after
+    :func:`single_process_env` and :func:`interpreter_tools_first`."""
     single_process_env()
     interpreter_tools_first()
+    if not torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def initialize(ppm: nn.Module, cfg: DeepSpeedConfig):
+    """A DeepSpeed engine training the trainable parameters of ``ppm`` (and nothing else)."""
+    join_process_group()
     import deepspeed
 
     on_gpu = torch.cuda.is_available()
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     params = [p for p in ppm.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=ppm, model_parameters=params, config=cfg.to_dict(on_gpu))
     return engine

@@ -92,14 +92,9 @@ def barrier() -> None:
         return
     import torch
 
-    from covipal.training.ds import interpreter_tools_first, single_process_env
+    from covipal.training.ds import join_process_group
 
-    single_process_env()
-    interpreter_tools_first()
-    if not torch.distributed.is_initialized():
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    join_process_group()
     torch.distributed.barrier()
 
 
