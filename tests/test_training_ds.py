@@ -113,3 +113,25 @@ def test_interpreter_tools_come_first_on_path_once(monkeypatch):
     interpreter_tools_first()
     interpreter_tools_first()
     assert os.environ["PATH"].split(os.pathsep) == [tools, "/usr/bin", "/bin"]
+
+
+LEAVE = """
+import atexit, torch
+from covipal.training.ds import join_process_group
+join_process_group()
+print("joined", torch.distributed.is_initialized())
+atexit._run_exitfuncs()
+print("left", not torch.distributed.is_initialized())
+"""
+
+
+def test_a_process_that_joins_the_group_leaves_it_at_exit():
+    """An open gloo group at interpreter exit can abort the process (status -6, seen once in CI)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    run = subprocess.run([sys.executable, "-c", LEAVE], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "joined True" in run.stdout and "left True" in run.stdout

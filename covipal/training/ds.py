@@ -20,6 +20,7 @@ killed and resumed ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import os
@@ -142,13 +143,25 @@ def interpreter_tools_first() -> None:
 
 def join_process_group() -> None:
     """Join the process group (NCCL on a GPU, gloo on the CPU) if this process has not yet, after
-    :func:`single_process_env` and :func:`interpreter_tools_first`."""
+    :func:`single_process_env` and :func:`interpreter_tools_first`; leave it at exit.
+
+    Leaving it explicitly matters: a gloo process that exits with its group still open can
+    abort in teardown ("terminate called without an active exception", exit status -6),
+    seen once in CI after two launched processes had finished their work.
+    """
     single_process_env()
     interpreter_tools_first()
     if not torch.distributed.is_initialized():
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(leave_process_group)
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group if one is open (registered at exit by :func:`join_process_group`)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def initialize(ppm: nn.Module, cfg: DeepSpeedConfig):
