@@ -133,6 +133,26 @@ def test_analysis_scripts_read_the_pipeline_outputs(project, monkeypatch, capsys
     assert table and sum(int(r[1]) for r in table) == image_test_rows(project)  # every image row, once
 
 
+def test_base_sweep_trains_each_variant_and_stops_on_a_bad_key(project, tmp_path):
+    """scripts/base_sweep.py in the tiny project: a variant trains the reference model and writes its
+    test accuracy; a variants file with an unknown key fails before any training."""
+    shutil.copytree(ROOT / "scripts", project / "scripts", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    good = tmp_path / "good.txt"
+    good.write_text('S1 {"base": {"seed": 1, "steps": 2}}\n')
+    run = sh(project, sys.executable, "scripts/base_sweep.py", str(good), "--out", str(tmp_path / "out"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads((tmp_path / "out" / "S1.json").read_text())
+    assert result["over"] == {"base": {"seed": 1, "steps": 2}} and set(result["test"]) == {"image", "video"}
+    assert all(0 <= v <= 1 for t in result["test"].values() for v in t.values())
+    assert run.stdout.startswith("S1: image ")
+    bad = tmp_path / "bad.txt"
+    bad.write_text('S1 {"base": {"seed": 1}}\nS2 {"base": {"stepz": 2}}\n')
+    run = sh(project, sys.executable, "scripts/base_sweep.py", str(bad), "--out", str(tmp_path / "bad"))
+    assert run.returncode != 0 and "stepz" in run.stderr
+    assert not list((tmp_path / "bad").glob("*.log"))  # no variant started
+
+
 def image_test_rows(project: Path) -> int:
     """Number of image rows in the tiny project's test split."""
     from datasets import load_from_disk
