@@ -12,7 +12,7 @@ from common import ROOT, stage
 from covipal.evaluation.figure import plot_accuracy
 from covipal.evaluation.registry import attach, find_version
 from covipal.evaluation.stage import run_evaluate
-from covipal.evaluation.summary import CSV_FIELDS, leads_report, ratio_key, report
+from covipal.evaluation.summary import CSV_FIELDS, leads_report, ratio_key, report, retention_report
 from covipal.io import atomic_output, write_json
 
 
@@ -25,9 +25,13 @@ def main() -> None:
         for r in result["leads"]:
             lead.setdefault(r["modality"], {}).setdefault(ratio_key(r["ratio"]), {})[r["baseline"]] = {
                 k: r[k] for k in ("lead", "ci_low", "ci_high", "separate", "clear", "equal_budget")}
+        kept: dict = {}
+        for r in result["retention"]:
+            kept.setdefault(r["modality"], {})[ratio_key(r["ratio"])] = {
+                k: r[k] for k in ("share", "accuracy", "full", "versus")}
         write_json(ROOT / "metrics" / "evaluate.json",
                    {"rows": result["rows"], "minutes": result["minutes"], "methods": result["metrics"],
-                    "covipal_lead": lead})
+                    "covipal_lead": lead, "covipal_retention": kept})
         with atomic_output(ROOT / "plots" / "evaluate_accuracy.csv") as tmp:
             with open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
@@ -35,8 +39,9 @@ def main() -> None:
                 writer.writerows(records)
         with atomic_output(ROOT / "plots" / "evaluate" / "accuracy.png") as tmp:
             plot_accuracy(records, tmp)
-        markdown = report(records, params.evaluate.confidence) + leads_report(result["leads"], "covipal",
-                                                                              params.evaluate.confidence)
+        confidence = params.evaluate.confidence
+        markdown = (report(records, confidence) + retention_report(result["retention"], "covipal", confidence)
+                    + leads_report(result["leads"], "covipal", confidence))
         with atomic_output(ROOT / "reports" / "evaluate.md") as tmp:
             tmp.write_text(markdown)
         run.metrics({"rows": result["rows"], "minutes": result["minutes"], **result["metrics"]})

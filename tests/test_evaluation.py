@@ -12,7 +12,7 @@ from covipal.evaluation.bootstrap import difference_interval, mean_interval
 from covipal.evaluation.cells import kept_tokens, relevant_share, relevant_tokens
 from covipal.evaluation.harness import Results, evaluate_methods
 from covipal.evaluation.stage import build_methods
-from covipal.evaluation.summary import leads, leads_report, metrics, report, table
+from covipal.evaluation.summary import leads, leads_report, metrics, report, retention, retention_report, table
 from covipal.pruning import Pruner, n_keep
 from covipal.training.data import ReferenceInputs
 
@@ -293,3 +293,27 @@ def test_leads_over_baselines_and_their_report():
     res[("far", 0.25)].layer_average[:] = 17.5  # 16 + 1.5: more than the budget allows
     over = {r["baseline"]: r for r in leads(res, rows, "covipal", ["far"], 200, 0.95, 0)}["far"]
     assert not over["equal_budget"] and "✓ †" in leads_report([over], "covipal", 0.95)
+
+
+def test_retention_of_the_unpruned_accuracy_and_the_paired_difference_from_a_variant():
+    n = 400
+    rows = [{"modality": "image", "question_type": "count"}] * n
+    rng = np.random.default_rng(2)
+    full = rng.random(n) < 0.9
+
+    def results(correct):
+        return Results(correct, np.full(n, 16.0), np.full(n, 16.0), np.full(n, np.nan), np.full(n, 64.0))
+
+    ours = full & (rng.random(n) < 0.99)
+    res = {("covipal", 1.0): results(full), ("covipal", 0.25): results(ours),
+           ("stage1", 1.0): results(full), ("stage1", 0.25): results(ours & (rng.random(n) < 0.9))}
+    (rec,) = retention(res, rows, "covipal", ["stage1"], 1000, 0.95, 0)
+    assert rec["ratio"] == 0.25 and rec["share"] == pytest.approx(ours.mean() / full.mean())
+    d = rec["versus"]["stage1"]
+    assert d["lead"] == pytest.approx(ours.mean() - res[("stage1", 0.25)].correct.mean())
+    assert 0 < d["ci_low"] < d["lead"] < d["ci_high"]  # about 11 points ahead on 400 rows: clearly above 0
+    text = retention_report([rec], "covipal", 0.95)
+    assert f"| image | 0.25 | {rec['share']:.1%} | {d['lead']:+.3f} [" in text and "− stage1" in text
+    del res[("covipal", 1.0)]  # no unpruned pass: no share
+    assert retention(res, rows, "covipal", [], 200, 0.95, 0)[0]["share"] is None
+    assert retention_report([], "covipal", 0.95) == ""

@@ -174,7 +174,12 @@ def check_evaluation(project: Path, tags: dict) -> None:
     assert covipal["tokens_entering"] == covipal["tokens_layer_average"] == 16  # 64 cells, ceil(0.25 * 64)
     lines = (project / "plots" / "evaluate_accuracy.csv").read_text().splitlines()
     assert lines[0].startswith("method,ratio,modality,question_type,accuracy,ci_low,ci_high")
-    assert "## image" in (project / "reports" / "evaluate.md").read_text()
+    report = (project / "reports" / "evaluate.md").read_text()
+    assert "## image" in report and "## What covipal keeps of the unpruned accuracy" in report
+    kept, full = ev["covipal_retention"]["image"]["r0.25"], ev["methods"]["covipal"]["r1"]["image"]["accuracy"]
+    assert kept["share"] == (pytest.approx(covipal["accuracy"] / full) if full else None)
+    stage1 = ev["methods"]["covipal_stage1"]["r0.25"]["image"]["accuracy"]
+    assert kept["versus"]["covipal_stage1"]["lead"] == pytest.approx(covipal["accuracy"] - stage1)
     assert tags["eval.image.r0.25"].startswith(f"{covipal['accuracy']:.4f}") and tags["eval.run_id"]
 
 

@@ -60,18 +60,20 @@ def build_methods(cfg: EvaluateConfig, n_layers: int, ppm=None, guide_layer: int
 
 def run_evaluate(params: Params, data_dir: Path, base_dir: Path, ppm_dir: Path, root: Path | None = None,
                  log=print) -> dict:
-    """Evaluate on the test split; returns ``{"records", "metrics", "leads", "rows", "minutes"}``.
+    """Evaluate on the test split; returns ``{"records", "metrics", "leads", "retention", "rows", "minutes"}``.
 
     ``records`` are :func:`covipal.evaluation.summary.table`'s rows, ``metrics`` the nested
     form written to ``metrics/evaluate.json``, ``leads`` covipal's lead over each training-free
     baseline (:func:`covipal.evaluation.summary.leads`; every method but covipal, its variants
-    and the oracle), empty when covipal is not evaluated.
+    and the oracle), ``retention`` what covipal keeps of the unpruned accuracy and its paired
+    difference from each of its variants (:func:`covipal.evaluation.summary.retention`); both
+    empty when covipal is not evaluated.
     """
     import torch
     from datasets import load_from_disk
 
     from covipal.evaluation.harness import evaluate_methods
-    from covipal.evaluation.summary import leads, metrics, table
+    from covipal.evaluation.summary import leads, metrics, retention, table
     from covipal.ppm import PPM
     from covipal.training.pipeline import _rows, load_frozen_base
 
@@ -89,7 +91,10 @@ def run_evaluate(params: Params, data_dir: Path, base_dir: Path, ppm_dir: Path, 
     records = table(results, rows, cfg.n_bootstrap, cfg.confidence, cfg.seed)
     method_of = {name: cfg.variants.get(name, {}).get("method", name) for name in cfg.methods}
     baselines = [name for name in cfg.methods if method_of[name] not in ("covipal", "oracle")]
-    lead = (leads(results, rows, "covipal", baselines, cfg.n_bootstrap, cfg.confidence, cfg.seed)
-            if "covipal" in cfg.methods else [])
-    return {"records": records, "metrics": metrics(records), "leads": lead, "rows": len(rows),
+    variants = [name for name in cfg.methods if method_of[name] == "covipal" and name != "covipal"]
+    lead, kept = [], []
+    if "covipal" in cfg.methods:
+        lead = leads(results, rows, "covipal", baselines, cfg.n_bootstrap, cfg.confidence, cfg.seed)
+        kept = retention(results, rows, "covipal", variants, cfg.n_bootstrap, cfg.confidence, cfg.seed)
+    return {"records": records, "metrics": metrics(records), "leads": lead, "retention": kept, "rows": len(rows),
             "minutes": (time.time() - t0) / 60}

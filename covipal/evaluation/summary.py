@@ -167,3 +167,48 @@ def leads_report(records: list[dict], leader: str, confidence: float) -> str:
                              + ("" if rec["equal_budget"] else " †"))
             lines.append(f"| {base} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def retention(results: dict[tuple[str, float], Results], rows: list[dict], leader: str, variants: list[str],
+              n_bootstrap: int, confidence: float, seed: int) -> list[dict]:
+    """What ``leader`` keeps of the unpruned accuracy, and how it compares with its ``variants``.
+
+    One record per modality and ratio < 1: ``share`` (``leader``'s accuracy over the unpruned
+    accuracy at ``r = 1``; None when ``r = 1`` was not evaluated), ``accuracy``, ``full``, and
+    ``versus``: per variant (e.g. the PPM after stage 1 alone) ``leader``'s accuracy minus the
+    variant's on the same rows with its paired bootstrap interval (``lead, ci_low, ci_high``).
+    """
+    paired = {(r["modality"], r["ratio"], r["baseline"]): r
+              for r in leads(results, rows, leader, variants, n_bootstrap, confidence, seed)}
+    modality = np.array([r["modality"] for r in rows])
+    out = []
+    for m in sorted(set(modality)):
+        sel = modality == m
+        full = float(results[(leader, 1.0)].correct[sel].mean()) if (leader, 1.0) in results else None
+        for ratio in sorted({r for (name, r) in results if name == leader and r < 1}, reverse=True):
+            acc = float(results[(leader, ratio)].correct[sel].mean())
+            versus = {v: {k: paired[(m, ratio, v)][k] for k in ("lead", "ci_low", "ci_high")} for v in variants}
+            out.append({"modality": m, "ratio": ratio, "accuracy": acc, "full": full,
+                        "share": acc / full if full else None, "versus": versus})
+    return out
+
+
+def retention_report(records: list[dict], leader: str, confidence: float) -> str:
+    """Markdown: per modality and ratio, the share of the unpruned accuracy ``leader`` keeps and its
+    paired difference from each variant (:func:`retention`)."""
+    if not records:
+        return ""
+    variants = list(records[0]["versus"])
+    lines = ["", f"## What {leader} keeps of the unpruned accuracy", "",
+             f"Share: {leader}'s accuracy over the unpruned accuracy. Against a variant: {leader}'s accuracy "
+             f"minus the variant's on the same rows, with a {confidence:.0%} paired bootstrap interval.", "",
+             "| modality | ratio | share | " + " | ".join(f"− {v}" for v in variants) + " |",
+             "|---|---|---|" + "---|" * len(variants)]
+    for rec in records:
+        share = "–" if rec["share"] is None else f"{rec['share']:.1%}"
+        cells = []
+        for v in variants:
+            d = rec["versus"][v]
+            cells.append(f"{d['lead']:+.3f}" + ("" if d["ci_low"] is None else f" [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"))
+        lines.append(f"| {rec['modality']} | {rec['ratio']:g} | {share} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
