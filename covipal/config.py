@@ -120,6 +120,9 @@ class BaseTraining:
     warmup_steps: int = Field(300, ge=0)  # vision tower warm-up on per-cell labels
     warmup_lr: float = Field(3e-3, gt=0)
     warmup_batch_size: int = Field(64, ge=1)  # pictures per warm-up step
+    # warm-up learning rate: constant, or a cosine decay to 0 (its tower depends less on the host's
+    # floating-point paths; docs/reference_model.md "Another CPU, another model")
+    warmup_schedule: Literal["constant", "cosine"] = "constant"
     steps: int = Field(2400, ge=1)  # projector + LLM steps, tower frozen
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-4, gt=0)

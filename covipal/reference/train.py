@@ -103,6 +103,10 @@ def warm_up_tower(model, processor: ReferenceProcessor, data: DataConfig, cfg: B
                            "digit_right": nn.Linear(hidden, 121), "present": nn.Linear(hidden, 10)}).to(device)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.warmup_lr, weight_decay=cfg.weight_decay)
+    sched = None
+    if cfg.warmup_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(cfg.warmup_steps, 1))))
     rng = np.random.default_rng([cfg.seed, 1])
     pool = scan_pools(data.seed)["train"]
     ce, bce = nn.CrossEntropyLoss(), nn.BCEWithLogitsLoss()
@@ -118,6 +122,8 @@ def warm_up_tower(model, processor: ReferenceProcessor, data: DataConfig, cfg: B
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         if step == cfg.warmup_steps - 1 or step % 100 == 0:
             acc = {k: (logits[k].argmax(-1) == cells[..., i]).float().mean().item() for i, k in enumerate(logits)}
             log(f"warm-up step {step}: loss {loss.item():.3f} " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
