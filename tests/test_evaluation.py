@@ -270,14 +270,21 @@ def test_variants_name_a_registered_method_with_their_own_arguments(tmp_path):
         build_methods(EvaluateConfig(methods=["x"], variants={"x": {"method": "nope"}}), 4)
 
 
+N_COUNT = 400
+COUNT_ROWS = [{"modality": "image", "question_type": "count"}] * N_COUNT  # one group of image rows
+
+
+def at_budget(correct: np.ndarray) -> Results:
+    """Outcomes of one (method, ratio) on COUNT_ROWS: 16 of 64 vision tokens kept, no relevant cells."""
+    n = len(correct)
+    return Results(correct, np.full(n, 16.0), np.full(n, 16.0), np.full(n, np.nan), np.full(n, 64.0))
+
+
 def test_leads_over_baselines_and_their_report():
-    n = 400
-    rows = [{"modality": "image", "question_type": "count"}] * n
+    n, rows = N_COUNT, COUNT_ROWS
     rng = np.random.default_rng(1)
     ours = rng.random(n) < 0.8
-
-    def results(correct):
-        return Results(correct, np.full(n, 16.0), np.full(n, 16.0), np.full(n, np.nan), np.full(n, 64.0))
+    results = at_budget
 
     res = {("covipal", 0.25): results(ours),
            ("far", 0.25): results(ours & (rng.random(n) < 0.7)),  # about 24 points behind
@@ -296,13 +303,10 @@ def test_leads_over_baselines_and_their_report():
 
 
 def test_retention_of_the_unpruned_accuracy_and_the_paired_difference_from_a_variant():
-    n = 400
-    rows = [{"modality": "image", "question_type": "count"}] * n
+    n, rows = N_COUNT, COUNT_ROWS
     rng = np.random.default_rng(2)
     full = rng.random(n) < 0.9
-
-    def results(correct):
-        return Results(correct, np.full(n, 16.0), np.full(n, 16.0), np.full(n, np.nan), np.full(n, 64.0))
+    results = at_budget
 
     ours = full & (rng.random(n) < 0.99)
     res = {("covipal", 1.0): results(full), ("covipal", 0.25): results(ours),
