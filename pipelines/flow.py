@@ -9,6 +9,9 @@ a Markdown artifact ``pipeline-summary`` in the Prefect UI.
     python pipelines/flow.py [run] [--stages prepare,train] [--force]   # once (temporary server)
     python pipelines/flow.py serve     # the ops.deployment deployment on ops.schedule.cron
 
+Both commands first read and check the whole ``params.yaml`` (every section, those no
+stage reads included), so a typo stops them before Prefect starts anything.
+
 ``serve`` needs a real Prefect server (``prefect server start``, ``PREFECT_API_URL``):
 its scheduler creates the runs. The deployment admits one run at a time (a deployment
 concurrency limit of 1 that queues the others), so two runs started together run one
@@ -36,10 +39,18 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # its heartb
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
-from covipal.config import load_params  # noqa: E402
+from covipal.config import ConfigError, Params, load_params  # noqa: E402
 from covipal.tracking import PARENT_ENV, stage_run, tracking_uri  # noqa: E402
 
 TAIL_LINES = 40
+
+
+def check_params(path: Path = ROOT / "params.yaml") -> Params:
+    """Read and check the whole params file; exit with the problems named (key and fix) if it is wrong."""
+    try:
+        return load_params(path)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
 
 
 def dvc_stages() -> list[str]:
@@ -143,6 +154,7 @@ def main() -> None:
     parser.add_argument("--stages", help="comma-separated stage names (default: all, in dvc.yaml order)")
     parser.add_argument("--force", action="store_true", help="rerun the stages even if DVC finds no change")
     args = parser.parse_args()
+    check_params()  # before Prefect starts a server or a run
     if args.command == "serve":
         serve()
     else:

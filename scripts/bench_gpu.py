@@ -70,7 +70,7 @@ def bench_shape(name: str, args, device, dtype, out: Path, log) -> dict:
     frames = None
     if subject.config.model_type == "llava" and not args.skip_frames:
         weights = sum(p.numel() * p.element_size() for p in subject.model.parameters())
-        cap, rule = memory_cap(args.cap_gb, device, weights)
+        cap, rule = memory_cap(args.cap_gb, device, weights, subject.kv_bytes_per_token())
         log(f"{name}: frames that fit under {cap / 1e9:.2f} GB ({rule})")
         frames = frames_that_fit(subject, [Case(), Case("covipal", RATIO), Case("random", RATIO)], args.frames, cap,
                                  n_text=64, decode_tokens=4, device=device, dtype=dtype, ppm=ppm,

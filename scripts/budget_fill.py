@@ -81,7 +81,7 @@ def main() -> None:
                                list(FILLS), args.ratios, batch_size=args.batch, progress=False)
         for (fill, ratio), res in out.items():
             for j, row in enumerate(chunk):
-                correct[(fill, ratio, row["question_type"])].append(bool(res.correct[j]))
+                correct[(fill, ratio, row["question_type"])].append(bool(res.score[j]))
     print(f"{args.modality}: accuracy with the relevant cells kept, by what fills the rest")
     print(f"{'fill':14} {'r':>6} " + " ".join(f"{t:>9}" for t in args.types))
     for ratio in args.ratios:

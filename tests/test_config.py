@@ -34,11 +34,27 @@ def test_repository_params_are_valid():
     ({"profile": {"repeat": 3}}, "profile.repeat", "remove it"),
     ({"profile": {"ratios": [0.25, 0]}}, "profile", "outside (0, 1]"),
     ({"profile": {"device": "tpu"}}, "profile.device", "listed values"),
+    ({"ops": {"stage_retires": 2}}, "ops.stage_retires", "remove it"),
+    ({"data": {"columns": {"image": "img"}}}, "data.columns.image", "remove it"),
+    ({"data": {"columns": {"images": "x", "question": "x"}}}, "data.columns", "more than one field"),
+    ({"data": {"columns": {"images": "image"}}}, "data", "source is the digit world"),
+    ({"model": {"prompt": "Answer briefly."}}, "model.prompt", "must contain {question}"),
+    ({"model": {"prompt": "{question} {context}"}}, "model.prompt", "no other field"),
+    ({"model": {"prompt": "{question} {"}}, "model.prompt", "literal brace"),
 ])
 def test_bad_values_name_key_and_fix(raw, key, fix):
     with pytest.raises(ConfigError) as err:
         parse_params(raw)
     assert key in str(err.value) and fix in str(err.value)
+
+
+def test_new_keys_default_to_the_digit_world_and_take_templates():
+    params = load_params(ROOT / "params.yaml")
+    assert params.model.prompt == "{question}" and all(v is None for v in vars(params.data.columns).values())
+    wrapped = parse_params({"model": {"prompt": "{question}\nAnswer in one word, {{no more}}."},
+                            "data": {"source": "org/vqa", "columns": {"images": "image", "answer": "answers"}}})
+    assert wrapped.model.prompt.format(question="why") == "why\nAnswer in one word, {no more}."
+    assert wrapped.data.columns.images == "image" and wrapped.data.columns.question is None
 
 
 def test_guide_layer_checked_against_a_known_depth():

@@ -69,7 +69,8 @@ def test_relevant_cells_map_to_vision_tokens(reference):
 
 def test_kept_positions_to_tokens_and_share():
     ids = torch.tensor([0, 0, 1, 3, 3, 3, 3, 9])  # left padding, <s>, four vision tokens (id 3), a word
-    assert kept_tokens(torch.tensor([3, 5]), ids, image_token_id=3) == [0, 2]
+    assert kept_tokens(torch.tensor([3, 5]), ids, vision_ids=3) == [0, 2]
+    assert kept_tokens(torch.tensor([3, 5]), ids, vision_ids=[3, 9]) == [0, 2]  # several vision ids: 3, 3, 3, 3, 9
     assert kept_tokens(torch.tensor([], dtype=torch.long), ids, 3) == []
     with pytest.raises(ValueError, match="not vision tokens"):
         kept_tokens(torch.tensor([7]), ids, 3)
@@ -97,7 +98,7 @@ def test_harness_records_hits_budgets_and_relevant_cells(reference):
     with torch.no_grad():
         prompt = inputs.prompt(rows)
         full = model(**prompt).logits[:, -1].argmax(-1) == inputs.answers(rows)
-    assert out[("first", 1.0)].correct.tolist() == full.tolist()
+    assert out[("first", 1.0)].score.tolist() == full.float().tolist()
     half = out[("first", 0.5)]
     n_v = [64 if r["modality"] == "image" else 128 for r in rows]
     assert half.n_vision.tolist() == n_v and half.entering.tolist() == [n_keep(n, 0.5) for n in n_v]
@@ -108,7 +109,7 @@ def test_harness_records_hits_budgets_and_relevant_cells(reference):
         assert np.isclose(half.relevant_kept[i], want, equal_nan=True)
     with KeepFirst(reserve_ratio=0.5)(model), torch.no_grad():  # the batch a row is in does not matter here
         alone = model(**inputs.prompt(rows[:1])).logits[:, -1].argmax(-1) == inputs.answers(rows[:1])
-    assert bool(half.correct[0]) == bool(alone[0])
+    assert bool(half.score[0]) == bool(alone[0])
 
 
 @pytest.mark.parametrize("method", ["fastv", "pyramiddrop", "sparsevlm", "dart"])
@@ -140,7 +141,7 @@ def test_ratios_with_one_schedule_keep_the_same_tokens_and_are_run_once(referenc
                            batch_size=8, progress=False)
     assert calls and lower not in calls  # every batch reused the r = 0.2 pass
     alone = evaluate_methods(model, inputs, rows, build, [method], [lower], batch_size=8, progress=False)
-    for name in ("correct", "entering", "layer_average", "n_vision"):
+    for name in ("score", "entering", "layer_average", "n_vision", "prediction"):
         assert getattr(out[(method, lower)], name).tolist() == getattr(alone[(method, lower)], name).tolist()
     np.testing.assert_array_equal(out[(method, lower)].relevant_kept, alone[(method, lower)].relevant_kept)
 
@@ -290,7 +291,7 @@ def test_leads_over_baselines_and_their_report():
            ("far", 0.25): results(ours & (rng.random(n) < 0.7)),  # about 24 points behind
            ("near", 0.25): results(ours & (rng.random(n) < 0.98))}  # about 1.6 points behind
     out = {r["baseline"]: r for r in leads(res, rows, "covipal", ["far", "near"], 1000, 0.95, 0)}
-    assert out["far"]["lead"] == pytest.approx(ours.mean() - res[("far", 0.25)].correct.mean())
+    assert out["far"]["lead"] == pytest.approx(ours.mean() - res[("far", 0.25)].score.mean())
     assert out["far"]["clear"] and out["far"]["separate"] and out["far"]["ci_low"] > 0.03
     assert not out["near"]["clear"] and not out["near"]["separate"] and out["near"]["lead"] < 0.03
     assert out["far"]["equal_budget"] and out["near"]["equal_budget"]
@@ -314,10 +315,136 @@ def test_retention_of_the_unpruned_accuracy_and_the_paired_difference_from_a_var
     (rec,) = retention(res, rows, "covipal", ["stage1"], 1000, 0.95, 0)
     assert rec["ratio"] == 0.25 and rec["share"] == pytest.approx(ours.mean() / full.mean())
     d = rec["versus"]["stage1"]
-    assert d["lead"] == pytest.approx(ours.mean() - res[("stage1", 0.25)].correct.mean())
+    assert d["lead"] == pytest.approx(ours.mean() - res[("stage1", 0.25)].score.mean())
     assert 0 < d["ci_low"] < d["lead"] < d["ci_high"]  # about 11 points ahead on 400 rows: clearly above 0
     text = retention_report([rec], "covipal", 0.95)
     assert f"| image | 0.25 | {rec['share']:.1%} | {d['lead']:+.3f} [" in text and "− stage1" in text
     del res[("covipal", 1.0)]  # no unpruned pass: no share
     assert retention(res, rows, "covipal", [], 200, 0.95, 0)[0]["share"] is None
     assert retention_report([], "covipal", 0.95) == ""
+
+
+# --- any model: what a method needs, scoring, optional columns, an unpruned model that does not answer ------
+
+
+def test_methods_declare_what_they_need_and_the_harness_leaves_out_none_silently():
+    from tiny_lvlms import tiny_model
+
+    from covipal.evaluation.harness import unsupported
+    from covipal.pruning import VisionZipPruner, get_method
+
+    llava, qwen = tiny_model("llava"), tiny_model("qwen2_vl")
+    assert VisionZipPruner.reads_vision_tower and not KeepFirst.reads_vision_tower
+    assert VisionZipPruner().supports(llava) is None and KeepFirst().supports(qwen) is None
+    reason = VisionZipPruner().supports(qwen)
+    assert "[CLS]" in reason and "qwen2_vl" in reason
+    make = lambda m, r: get_method(m, reserve_ratio=r)  # noqa: E731
+    assert unsupported(qwen, make, ["random", "visionzip"]) == {"visionzip": reason}
+    assert unsupported(llava, make, ["random", "visionzip"]) == {}
+    with pytest.raises(NotImplementedError, match=r"visionzip cannot prune Qwen2VLForConditionalGeneration: .*\[CLS\]"):
+        with VisionZipPruner()(qwen):
+            pass
+    with pytest.raises(ValueError, match=r"\['visionzip'\] cannot prune .*leave them out"):
+        evaluate_methods(qwen, None, [], make, ["visionzip"], [0.5], 4, progress=False)
+
+
+def hf_rows(n: int = 5) -> list[dict]:
+    """VQA-shaped rows for tests/tiny_lvlms.py's llava processor: one 16x16 image, a question, an answer."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "yes", "no", "two"]
+    return [{"images": [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))],
+             "question": "what colour is the square", "answer": words[i % 5], "modality": "image"}
+            for i in range(n)]
+
+
+def test_first_token_scoring_of_a_pretrained_llava_with_its_tower_run_once():
+    """Precomputed tower output for the pretrained LLaVA class too; visionzip, which reads the tower, gets pixels."""
+    from tiny_lvlms import tiny_model, tiny_processor
+
+    from covipal.evaluation.harness import precompute_tower
+    from covipal.pruning import get_method
+    from covipal.training.hf_inputs import HFInputs
+
+    model, inputs, rows = tiny_model("llava"), HFInputs(tiny_processor()), hf_rows()
+    prompt = inputs.prompt(rows)
+    encoded = precompute_tower(model, prompt)
+    assert "pixel_values" not in encoded and "mm_encoder_outputs" in encoded
+    assert precompute_tower(tiny_model("qwen2_vl"), {"input_ids": None, "pixel_values": None}) is None
+    with torch.no_grad():
+        ids = model(**prompt).logits[:, -1].argmax(-1)
+        torch.testing.assert_close(model(**encoded).logits, model(**prompt).logits)
+    rows[1]["answer"] = inputs.tokenizer.decode([int(ids[1])])  # one row right by construction
+    make = lambda m, r: get_method(m, reserve_ratio=r)  # noqa: E731
+    out = evaluate_methods(model, inputs, rows, make, ["random", "visionzip"], [1.0, 0.5], 2, progress=False,
+                           scoring="first_token")
+    full = out[("random", 1.0)]
+    assert full.score.tolist() == (ids == inputs.answers(rows)).float().tolist() and full.score[1] == 1.0
+    assert full.prediction.tolist() == [inputs.tokenizer.decode([int(i)]).strip() for i in ids]
+    with get_method("visionzip", reserve_ratio=0.5)(model), torch.no_grad():
+        zipped = model(**prompt).logits[:, -1].argmax(-1)
+    assert out[("visionzip", 0.5)].score.tolist() == (zipped == inputs.answers(rows)).float().tolist()
+    assert out[("visionzip", 0.5)].entering.tolist() == [8] * 5  # ceil(0.5 * 16)
+    assert np.isnan(out[("random", 0.5)].relevant_kept).all()  # no relevant cells
+
+
+def test_generate_scoring_is_the_vqa_accuracy_of_the_generated_answer():
+    from tiny_lvlms import tiny_model, tiny_processor
+
+    from covipal.evaluation.vqa import generate_answers, vqa_score
+    from covipal.pruning import get_method
+    from covipal.training.hf_inputs import HFInputs
+
+    model, inputs, rows = tiny_model("llava"), HFInputs(tiny_processor()), hf_rows(4)
+    with torch.no_grad():
+        said = generate_answers(model, inputs.prompt(rows), inputs.tokenizer, 2)
+    rows[0]["answers"] = [said[0]] * 2 + ["no"]  # 2 of 3 reference answers: VQA accuracy 2/3
+    rows[2]["answers"] = []  # an empty list: the row's answer is the reference
+    make = lambda m, r: get_method(m, reserve_ratio=r)  # noqa: E731
+    out = evaluate_methods(model, inputs, rows, make, ["random"], [1.0, 0.25], 4, progress=False,
+                           scoring="generate", max_new_tokens=2)
+    full = out[("random", 1.0)]
+    assert full.prediction.tolist() == said and full.score[0] == pytest.approx(2 / 3)
+    assert full.score.tolist() == [vqa_score(p, r.get("answers") or [r["answer"]]) for p, r in zip(said, rows)]
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        evaluate_methods(model, inputs, rows, make, ["random"], [1.0], 4, progress=False, scoring="bleu")
+
+
+def test_tables_without_question_types_or_relevant_cells():
+    rows = [{"modality": "image"}] * 4
+    res = {("a", 1.0): Results(np.array([1.0, 0.5, 0, 1]), np.full(4, 16.0), np.full(4, 16.0), np.full(4, np.nan),
+                               np.full(4, 16.0))}
+    records = table(res, rows, 200, 0.95, 0)
+    assert [r["question_type"] for r in records] == ["all"] and records[0]["accuracy"] == 0.625
+    assert records[0]["metric"] == "first_token" and table(res, rows, 200, 0.95, 0, "generate")[0]["metric"] == "vqa"
+    assert records[0]["relevant_kept"] is None and "by_type" not in metrics(records)["a"]["r1"]["image"]
+    text = report(records, 0.95, scoring="generate", notes=["A note."])
+    assert "relevant kept" not in text.lower() and "16.0 / 16.0 |" in text and "\nA note." in text
+    assert "VQA accuracy of the greedy generated answer" in text
+    assert "greedy next token" in report(records, 0.95)
+
+
+def test_an_unpruned_accuracy_of_zero_or_at_chance_is_flagged():
+    from covipal.evaluation.summary import unpruned_check, unpruned_report
+
+    rows = [{"modality": "image", "question": f"q{i}", "answer": "yes" if i % 2 else "no"} for i in range(40)]
+    rows += [{"modality": "video", "question": "q", "answer": "two", "answers": ["2", "two", "3"]}] * 10
+
+    def outcome(image_scores, video_scores):
+        score = np.r_[image_scores, video_scores].astype(float)
+        return Results(score, *(np.zeros(50) for _ in range(4)), prediction=np.array(["yes"] * 50, dtype=object))
+
+    at_chance = outcome(np.arange(40) % 2, np.zeros(10))  # always "yes" on a yes/no set: 0.5
+    checks = {c["modality"]: c for c in unpruned_check(at_chance, rows, "first_token")}
+    assert checks["image"]["chance"] == 0.5 and checks["image"]["status"] == "chance"
+    assert checks["image"]["common_answer"] in ("yes", "no") and checks["video"]["status"] == "zero"
+    assert unpruned_check(at_chance, rows, "generate")[1]["chance"] == pytest.approx(2 / 3)  # "2" is 2 of 3 answers
+    text = unpruned_report(list(checks.values()), at_chance, rows, "first_token", 16)
+    assert "- image: the unpruned model scores 0.500 on 40 rows: no better than always answering" in text
+    assert "- video: the unpruned model scores 0.000 on 10 rows: every answer is wrong." in text
+    assert "`evaluate.scoring: generate`" in text and "| video | q | yes | 2, two, 3 |" in text
+    assert "max_new_tokens` (16)" in unpruned_report(list(checks.values()), at_chance, rows, "generate", 16)
+    good = outcome(np.r_[np.ones(30), np.zeros(10)], np.ones(10))  # 0.75 against 0.5; all right where all say "two"
+    assert {c["status"] for c in unpruned_check(good, rows, "first_token")} == {"ok"}
+    assert unpruned_report(unpruned_check(good, rows, "first_token"), good, rows, "first_token", 16) == ""

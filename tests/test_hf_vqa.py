@@ -7,7 +7,9 @@ import pytest
 import torch
 from tiny_lvlms import tiny_model, tiny_processor
 
-from covipal.evaluation.hf_vqa import main, normalize, references, vqa_score
+from covipal.evaluation.hf_vqa import main
+from covipal.evaluation.vqa import normalize, references, row_references, vqa_score
+
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
@@ -55,30 +57,47 @@ def test_pruned_run_keeps_fewer_vision_tokens(task, monkeypatch):
     assert full["rows"] == pruned["rows"] == 5
     assert full["tokens_full"] == full["tokens_entering"] == 16 and pruned["tokens_full"] == 16
     assert pruned["tokens_entering"] == pruned["tokens_layer_average"] == 4  # ceil(0.25 * 16)
-    assert [f - p for f, p in zip(full_lengths, lengths)] == [12, 12, 12]  # three batches, 12 tokens fewer each
+    # per batch of 2 rows: the unpruned prefill, then the pruned one with 12 vision tokens fewer
+    assert lengths[0::2] == full_lengths and [f - p for f, p in zip(full_lengths, lengths[1::2])] == [12, 12, 12]
+    assert pruned["unpruned_accuracy"] == full["accuracy"]
     saved = json.loads((task / "out.json").read_text())
     assert saved["method"] == "random" and len(saved["predictions"]) == 5
     for p in saved["predictions"]:
         assert p["score"] == vqa_score(p["prediction"], p["answers"])
+        assert p["prediction"] and len(p["prediction"].split()) <= 2  # --max-new-tokens 2 of a word-level vocabulary
     fastv = run(task, "--method", "fastv", "--ratio", "0.5", "--method-args", '{"layer": 2}')
     assert fastv["tokens_entering"] == 16 and fastv["tokens_layer_average"] == (2 * 16 + 2 * 8) / 4
+
+
+def test_rows_are_mapped_onto_the_pipeline_schema_with_the_prompt_filled_in(task):
+    from covipal.evaluation.hf_vqa import load_rows, vqa_rows
+
+    rows = vqa_rows(load_rows(str(task / "data")), answer_column="answers", prompt="{question} yes")
+    assert [len(r["images"]) for r in rows] == [1] * 5 and {r["modality"] for r in rows} == {"image"}
+    assert rows[3]["question"] == "is the square red yes" and rows[3]["answers"] == ["yes", "yes", "no"]
+    assert rows[3]["answer"] == "yes" and row_references(rows[3]) == ["yes", "yes", "no"]
+    assert row_references({"answer": "red"}) == ["red"] and row_references({"answer": "red", "answers": []}) == ["red"]
 
 
 def test_chat_template_is_used_when_the_processor_has_one(task):
     from transformers import AutoProcessor
 
-    from covipal.evaluation.hf_vqa import build_prompts
+    from covipal.training.hf_inputs import HFInputs
 
     processor = AutoProcessor.from_pretrained(task / "model")
-    assert build_prompts(processor, ["is the square red"], "{question}") == ["<image>\nis the square red"]
+    row = {"images": [None], "question": "is the square red"}
+    processor.chat_template = None
+    assert HFInputs(processor).texts([row]) == ["<image>\nis the square red"]
     processor.chat_template = ("{% for m in messages %}<s> {% for c in m['content'] %}{% if c['type'] == 'image' %}"
                                "<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
-    assert build_prompts(processor, ["is the square red"], "{question} yes") == ["<s> <image> is the square red yes"]
+    assert HFInputs(processor).texts([row]) == ["<s> <image> is the square red"]
 
 
 def test_bad_arguments_are_named(task):
     with pytest.raises(SystemExit):
         run(task, "--method", "nope")
+    with pytest.raises(ValueError, match="prunes nothing"):
+        run(task, "--method", "none", "--ratio", "0.5")
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['answer'\].*--answer-column"):
         main(["--model", str(task / "model"), "--data", str(task / "data"), "--limit", "1"])
 

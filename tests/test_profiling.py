@@ -11,7 +11,7 @@ import torch
 from covipal.ppm import PPM, PPMConfig
 from covipal.profiling.bench import Case, profile_methods
 from covipal.profiling.flops import ppm_flops, prefill_flops, speedup_limit
-from covipal.profiling.shapes import build_shape, make_inputs
+from covipal.profiling.shapes import Subject, build_shape, make_inputs
 
 
 def small_llava():
@@ -119,7 +119,8 @@ def test_profile_stage_writes_metrics_plots_and_report(reference, tmp_path):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     assert "device: **cpu**" in report and "PPM: random weights" in report
-    assert "| covipal@0.25 |" in report and "Frames that fit" in report
+    assert "| covipal@0.25 |" in report and "Longest video that fits in memory" in report
+    assert "packed into each picture" in report and "Memory cap:" in report
     m = result["metrics"]
     assert m["device"] == "cpu" and set(m["cases"]) == {"none", "covipal_r0.5", "covipal_r0.25", "random_r0.5",
                                                         "random_r0.25"}
@@ -128,7 +129,8 @@ def test_profile_stage_writes_metrics_plots_and_report(reference, tmp_path):
     speedup_csv = (plots / "profile_speedup.csv").read_text().splitlines()
     assert speedup_csv[0] == "reserve_ratio,speedup,limit" and len(speedup_csv) == 3  # covipal at 2 ratios
     frames_csv = (plots / "profile_frames.csv").read_text().splitlines()
-    assert frames_csv[0] == "frames,unpruned_mib,pruned_mib,cap_mib" and len(frames_csv) >= 2
+    assert frames_csv[0] == ("frames,unpruned_mib,unpruned_fits,pruned_mib,pruned_fits,cap_mib,pruned_case,device,"
+                             "model,cap_rule") and len(frames_csv) >= 2
 
 
 def test_figures_attach_to_a_registered_version(tmp_path, monkeypatch):
@@ -212,3 +214,113 @@ def test_a_batch_of_copies_prefills_each_copy_like_the_single_prompt(family):
         batched = subject.model(**three).logits[:, -1]
         prefill(subject.model, three)  # the benchmark's own call takes the batch
     torch.testing.assert_close(batched, single.expand(3, -1), rtol=1e-4, atol=1e-4)
+
+
+def test_memory_cap_is_absolute_when_set_and_scaled_to_the_model_otherwise():
+    from covipal.profiling.stage import HEADROOM_TOKENS, LLAVA_7B_BF16_BYTES, LLAVA_7B_KV_BYTES_PER_TOKEN, memory_cap
+
+    cpu = torch.device("cpu")
+    cap, rule = memory_cap(0.5, cpu, weights=10 ** 12, kv_per_token=10 ** 6)  # the model does not matter
+    assert cap == 500_000_000 and "profile.memory_cap_gb = 0.5" in rule
+    # LLaVA-1.5-7B in bf16 gets the 24 GB the scaled rule is set against
+    cap, rule = memory_cap(None, cpu, LLAVA_7B_BF16_BYTES, LLAVA_7B_KV_BYTES_PER_TOKEN)
+    assert abs(cap - 24 * 10 ** 9) <= 1 and "scaled to this model" in rule
+    # a 1 MiB model: its weights plus room for the KV cache of as many of its own tokens
+    cap, rule = memory_cap(None, cpu, 2 ** 20, 256)
+    assert cap == int(2 ** 20 + HEADROOM_TOKENS * 256) and 18_800 < HEADROOM_TOKENS < 18_900
+    assert "18,832 prompt tokens (256 bytes each)" in rule
+    assert memory_cap(None, cpu, 2 ** 20, 512)[0] - 2 ** 20 == pytest.approx(2 * (cap - 2 ** 20), abs=1)
+    with pytest.raises(TypeError, match="kv_per_token"):
+        memory_cap(None, cpu, 2 ** 20)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+def test_prompts_tokens_flops_and_kv_bytes_of_every_family(family):
+    """Each family's prompts run; their placeholders are the vision tokens counted, the KV cache is the tokens times
+    kv_bytes_per_token, and FLOPs beyond 4 pictures (extended linearly) equal a run of the vision path."""
+    from tiny_lvlms import tiny_model
+
+    from covipal.profiling.bench import _cache, prefill
+    from covipal.profiling.flops import SUPPORTED, encoder_flops
+    from covipal.profiling.measure import kv_cache_bytes
+    from covipal.profiling.shapes import _run_vision
+
+    subject = Subject(tiny_model(family), family)
+    vision_ids = [subject.config.image_token_id, getattr(subject.config, "video_token_id", None)]
+    for pictures in (1, 4):  # an image; a video (several images for llava and llava_next)
+        inputs = subject.inputs(pictures, 8)
+        n_v = subject.vision_tokens(pictures)
+        assert int(torch.isin(inputs["input_ids"], torch.tensor([i for i in vision_ids if i is not None])).sum()) \
+            == n_v > 0
+        with torch.inference_mode():
+            cache = _cache(prefill(subject.model, inputs))
+        assert kv_cache_bytes(cache) == subject.kv_bytes_per_token() * inputs["input_ids"].shape[1]
+        if family in SUPPORTED:  # the measured count agrees with the analytic one where both exist
+            assert _run_vision(subject.model, pictures)[1] == encoder_flops(subject.config, pictures)
+    direct = _run_vision(subject.model, 6)
+    assert subject._measure(6) == direct and subject.flops(6, 8).vision == direct[1][0]
+    if family.startswith("qwen"):  # frames come in pairs: an odd video is refused with the fix
+        with pytest.raises(ValueError, match="temporal_patch_size.*even counts in profile.frames"):
+            subject.inputs(3, 8)
+
+
+@pytest.mark.parametrize("family,cap_gb", [("llava", None), ("qwen2_vl", None), ("qwen2_vl", 0.05)])
+def test_profile_runs_on_a_saved_pretrained_checkpoint(family, cap_gb, tmp_path):
+    """The stage on a checkpoint saved like a real one and recorded by the base stage: images and videos, a
+    method the family lacks skipped with its reason, a finite cap saying how it was chosen, consistent frames."""
+    import csv
+    import math
+
+    from tiny_lvlms import save_checkpoint, tiny_model
+
+    from covipal.base_model import PRETRAINED_RECORD, pretrained_record
+    from covipal.config import parse_params
+    from covipal.profiling.shapes import weight_bytes
+    from covipal.profiling.stage import run_profile
+
+    checkpoint = save_checkpoint(family, tmp_path / "checkpoint")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / PRETRAINED_RECORD).write_text(json.dumps(pretrained_record(str(checkpoint), None)))
+    params = parse_params({"profile": {"methods": ["covipal", "random", "visionzip"], "ratios": [0.5], "warmup": 0,
+                                       "repeats": 1, "decode_tokens": 2, "frames": [2, 4, 8], "text_tokens": 8,
+                                       "device": "cpu", "trace": False, "memory_cap_gb": cap_gb},
+                           "stage1": {"ppm": {"d_ppm": 16, "n_layers": 1, "n_heads": 2}}})
+    out, plots = tmp_path / "plots" / "profile", tmp_path / "plots"
+    result = run_profile(params, base, tmp_path / "no-ppm", out, plots, log=lambda *a: None)
+    m, report = result["metrics"], (out / "report.md").read_text()
+
+    assert m["model"] == f"{checkpoint} ({family})" and m["device"] == "cpu"
+    assert f"# Profile: {checkpoint} ({family}) on" in report
+    measured = {"none", "covipal_r0.5", "random_r0.5"} | ({"visionzip_r0.5"} if family == "llava" else set())
+    assert set(m["cases"]) == measured and all(c["limit"] > 1 for k, c in m["cases"].items() if k != "none")
+    if family == "qwen2_vl":  # no CLIP-style tower: skipped, with the reason, not a crash
+        assert "[CLS]" in m["skipped"]["visionzip_r0.5"]
+        assert "## Methods not measured" in report and "visionzip@0.5: the method cannot prune" in report
+    else:
+        assert m["skipped"] == {}
+
+    cap = m["frames"]["cap_bytes"]
+    assert math.isfinite(cap) and cap > 0
+    if cap_gb is None:
+        assert m["frames"]["cap_source"] == "scaled" and "scaled to this model" in m["frames"]["cap_rule"]
+        assert cap > weight_bytes(tiny_model(family))
+    else:
+        assert cap == int(cap_gb * 10 ** 9) and m["frames"]["cap_source"] == "profile.memory_cap_gb"
+    frames = m["frames"]
+    assert f"Memory cap: {cap / 2 ** 20:,.1f} MiB ({cap:,} bytes)" in report
+    assert "A length fits when the peak of the tensors alive at once" in report
+
+    rows = list(csv.DictReader((plots / "profile_frames.csv").open()))
+    assert [int(r["frames"]) for r in rows][0] == 2 and all(r["model"] == m["model"] for r in rows)
+    for kind, key in (("unpruned", "none"), ("pruned", "covipal_r0.25")):
+        points = [{"frames": int(r["frames"]), "fits": r[f"{kind}_fits"] == "True",
+                   "peak_bytes": float(r[f"{kind}_mib"]) * 2 ** 20 if r[f"{kind}_mib"] else None}
+                  for r in rows if r[f"{kind}_fits"]]
+        for pt in points:
+            assert pt["fits"] == (pt["peak_bytes"] is not None and pt["peak_bytes"] <= cap * (1 + 1e-12))
+        assert frames[key]["largest_fitting_frames"] == max([0] + [pt["frames"] for pt in points if pt["fits"]])
+        assert float(rows[0]["cap_mib"]) * 2 ** 20 == pytest.approx(cap)
+    if cap_gb is not None:
+        assert frames["none"]["largest_fitting_frames"] > 0  # 50 MB holds the tiny model's short videos
+

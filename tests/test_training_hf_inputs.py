@@ -21,7 +21,7 @@ def rows():
 
 
 def test_prompts_and_training_batches_line_up(rows):
-    inputs = HFInputs(tiny_processor())
+    inputs = HFInputs(tiny_processor(chat_template=False))  # <image>.. then the question
     tok = inputs.tokenizer
     prompt = inputs.prompt(rows)
     assert prompt["pixel_values"].shape[0] == 3  # one picture per frame
@@ -53,3 +53,18 @@ def test_targets_and_stage2_loss_run_on_a_pretrained_style_model(rows):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ppm.head.parameters())
     finally:
         model.zero_grad(set_to_none=True)  # the tiny model is shared between tests
+
+
+def test_prompt_template_wraps_the_question_in_the_chat_template(rows):
+    plain, wrapped = HFInputs(tiny_processor()), HFInputs(tiny_processor(), prompt="{question} yes or no")
+    assert plain.texts(rows[:1]) == ["<s>USER : <image> what colour is the square ASSISTANT :"]
+    assert wrapped.texts(rows[:1]) == ["<s>USER : <image> what colour is the square yes or no ASSISTANT :"]
+    tok = wrapped.tokenizer
+    ids = wrapped.prompt(rows)["input_ids"]
+    assert (ids == tok.convert_tokens_to_ids("<image>")).sum(1).tolist() == [16, 32]  # the pictures stay
+    train = wrapped.train(rows)
+    for j, row in enumerate(rows):  # the answer follows the wrapped prompt
+        answer = train["labels"][j][train["labels"][j] != -100]
+        assert tok.convert_ids_to_tokens(answer.tolist()) == [row["answer"]]
+    no_template = HFInputs(tiny_processor(chat_template=False), prompt="Q: {question}")
+    assert no_template.texts(rows[1:]) == ["<image><image>\nQ: is the square red"]

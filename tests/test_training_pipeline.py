@@ -140,3 +140,19 @@ def test_two_gloo_processes_train_stage1(llava_shards, tmp_path):
     assert (proj / "models" / "stage1" / "model.safetensors").exists()
     history = (proj / "plots" / "stage1_history.csv").read_text().splitlines()
     assert len(history) == 2  # one epoch, written once (by rank 0)
+
+
+def test_checks_before_work_read_the_saved_reference_model(reference, tmp_path):
+    """The guide layer is checked against the saved model's own depth (its config), and the prompts of
+    the first rows hold its vision tokens."""
+    from covipal.training.data import ReferenceInputs
+    from covipal.training.pipeline import check_guide_layer, check_ppm_width, check_vision_tokens
+
+    model, processor, rows = reference  # a 2-layer LLM of width 32
+    model.save_pretrained(tmp_path / "base")
+    with pytest.raises(ConfigError, match="targets.guide_layer: 2 is beyond the model's depth"):
+        check_guide_layer(parse_params({"targets": {"guide_layer": 2}}), tmp_path / "base")  # params allow 0..3
+    check_guide_layer(parse_params({"targets": {"guide_layer": 1}}), tmp_path / "base")
+    check_vision_tokens(model, ReferenceInputs(processor), rows[:4], "train")
+    with pytest.raises(FileNotFoundError, match="dvc repro stage1"):
+        check_ppm_width(tmp_path / "no_ppm", tmp_path / "base")

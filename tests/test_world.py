@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from covipal.config import DataConfig
-from covipal.world.dataset import COLUMNS, OPTIONAL_COLUMNS, build_world, make_sample
+from covipal.world.dataset import (COLUMNS, OPTIONAL_COLUMNS, WORLD_COLUMNS, build_world, features, make_sample,
+                                   summarize)
 from covipal.world.scenes import COLOURS, digit_scans, scan_pools
 
 CFG = DataConfig()
@@ -108,7 +109,8 @@ def test_held_out_splits_use_unseen_handwriting(world, lookup):
 
 def test_shapes_modalities_and_schema(world):
     assert set(world) == {"train", "validation", "test"}
-    assert set(COLUMNS + OPTIONAL_COLUMNS) == set(world["train"].column_names)
+    assert world["train"].column_names == list(WORLD_COLUMNS) and world["train"].features == features()
+    assert set(COLUMNS) <= set(WORLD_COLUMNS) <= set(COLUMNS + OPTIONAL_COLUMNS)  # all but `answers`
     for row in world["test"]:
         n = len(row["images"])
         if row["modality"] == "image":
@@ -117,6 +119,9 @@ def test_shapes_modalities_and_schema(world):
             assert n == CFG.video.frames and all(im.size == (32, 32) for im in row["images"])
     types = set(world["train"]["question_type"])
     assert types == {"position", "colour", "presence", "count", "relation"}
+    summary = summarize(world)  # the prepare stage's metrics: per modality and question type
+    assert summary["test"]["rows"] == 90 and sum(v for k, v in summary["test"].items() if k != "rows") == 90
+    assert {k.split("_")[0] for k in summary["train"] if k != "rows"} == {"image", "video"}
 
 
 def test_same_seed_same_world_other_seed_other_world():

@@ -4,6 +4,9 @@ Every pruning property test is parametrised over :data:`FAMILIES`; a family adde
 ``covipal.pruning.ADAPTERS`` must get a builder here (``test_every_adapter_is_tested``).
 Also holds the reference computations the tests compare the hooks against; they use
 nothing from covipal except ``n_keep``'s documented rounding, written out again here.
+:func:`tiny_processor` gives each family's real processor class for its tiny model
+(tokenizer built offline, chat template) and :func:`save_checkpoint` saves both as a
+pretrained checkpoint is saved.
 """
 
 from __future__ import annotations
@@ -33,9 +36,13 @@ def _clip(image_size: int) -> dict:
 def tiny_model(family: str, layers: int = 2):
     """A seeded tiny model of ``family`` with ``layers`` decoder layers, in eval mode (shared: tests must not
     modify it)."""
+    return _build_model(family, layers, seed=0)
+
+
+def _build_model(family: str, layers: int, seed: int):
     import transformers as tf
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     text = dict(TEXT, num_hidden_layers=layers)
     pinpoints = [[8, 16], [16, 8], [8, 8]]
     if family == "llava":
@@ -316,23 +323,131 @@ def eager_attentions(family: str, batch: dict, layers: int):
         return model(**batch, output_attentions=True).attentions
 
 
-PROCESSOR_WORDS = ["what", "colour", "is", "the", "square", "red", "blue", "yes", "no", "two"]
+PROCESSOR_WORDS = ["what", "colour", "is", "the", "square", "red", "blue", "yes", "no", "two", "one", "three",
+                   "four", "how", "many", "are", "there", "a", "of", "in", "on", "green", "yellow", "circle",
+                   "left", "right", "top", "bottom", "this", "picture", "video", "frame", "frames", "color"]
+TEMPLATE_WORDS = ["?", ":", ".", ",", "USER", "ASSISTANT", "user", "assistant"]  # chat templates, punctuation
+SPECIAL_TOKENS = {  # per family, the tokens at ids IMAGE (90) .. 95, and the eos token
+    "llava": (["<image>", "x0", "x1", "x2", "x3", "x4"], "</s>"),
+    "llava_next": (["<image>", "x0", "x1", "x2", "x3", "x4"], "</s>"),
+    "llava_onevision": (["<image>", "<video>", "x0", "x1", "<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+    "qwen2_vl": (["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>",
+                  "<|im_end|>"], "<|im_end|>"),
+}
+SPECIAL_TOKENS["qwen2_5_vl"] = SPECIAL_TOKENS["qwen2_vl"]
+_CONTENT = ("{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+            "{% if c['type'] == 'image' %}{IMAGE}{% elif c['type'] == 'video' %}{VIDEO}"
+            "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}")
+LLAMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] | upper }} : " + _CONTENT
+                  + " {% if m['role'] == 'assistant' %}{{ eos_token }} {% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}ASSISTANT :{% endif %}")
+IM_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n" + _CONTENT + "<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATES = {
+    "llava": LLAMA_TEMPLATE.replace("{IMAGE}", "<image> ").replace("{VIDEO}", "<image> "),
+    "llava_next": LLAMA_TEMPLATE.replace("{IMAGE}", "<image> ").replace("{VIDEO}", "<image> "),
+    "llava_onevision": IM_TEMPLATE.replace("{IMAGE}", "<image> ").replace("{VIDEO}", "<video> "),
+    "qwen2_vl": IM_TEMPLATE.replace("{IMAGE}", "<|vision_start|><|image_pad|><|vision_end|> ")
+    .replace("{VIDEO}", "<|vision_start|><|video_pad|><|vision_end|> "),
+}
+CHAT_TEMPLATES["qwen2_5_vl"] = CHAT_TEMPLATES["qwen2_vl"]
 
 
-def tiny_processor():
-    """A LlavaProcessor for tests/tiny_lvlms.py's llava: 16x16 pictures in 4x4 patches (16 vision tokens)
-    and a word-level tokenizer whose ids match the tiny model's (pad 0, bos 1, <image> 90, 96 words)."""
+def tiny_tokenizer(family: str = "llava"):
+    """A word-level tokenizer built offline whose ids match the tiny models' configs: pad 0, ``<s>`` 1,
+    ``</s>`` 2, :data:`PROCESSOR_WORDS` from 4, then :data:`TEMPLATE_WORDS`, filler words ``w0``.., the family's vision tokens from
+    IMAGE (90) as in :data:`SPECIAL_TOKENS`; 96 tokens. Words split on spaces and punctuation."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    vocab = ["<pad>", "<s>", "</s>", "<unk>"] + PROCESSOR_WORDS
-    vocab += [f"w{i}" for i in range(IMAGE - len(vocab))] + ["<image>"]
-    vocab += [f"x{i}" for i in range(VOCAB - len(vocab))]
-    assert vocab.index("<image>") == IMAGE and vocab.index("<pad>") == PAD and len(vocab) == VOCAB
+    specials, eos = SPECIAL_TOKENS[family]
+    vocab = ["<pad>", "<s>", "</s>", "<unk>"] + PROCESSOR_WORDS + TEMPLATE_WORDS
+    vocab += [f"w{i}" for i in range(IMAGE - len(vocab))] + specials
+    assert vocab.index(specials[0]) == IMAGE and vocab.index("<pad>") == PAD and len(vocab) == VOCAB
     core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    names = {"<image>": "image_token", "<video>": "video_token", "<|image_pad|>": "image_token",
+             "<|video_pad|>": "video_token", "<|vision_start|>": "vision_bos_token",
+             "<|vision_end|>": "vision_eos_token"}
+    named = {names[t]: t for t in specials if t in names}
+    rest = [t for t in specials if t.startswith("<") and t not in names]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token=eos, pad_token="<pad>",
+                                        unk_token="<unk>", extra_special_tokens=named)
+    tokenizer.add_tokens(rest, special_tokens=True)  # already in the vocabulary: split out, not added
+    assert len(tokenizer) == VOCAB
+    return tokenizer
+
+
+def _image_processor(family: str):
+    """Image processor sizes whose token count equals the tiny model's features (any input size)."""
+    import transformers as tf
+
+    pinpoints = [[8, 16], [16, 8], [8, 8]]
+    if family == "llava":
+        return tf.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    if family == "llava_next":
+        return tf.LlavaNextImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8},
+                                          image_grid_pinpoints=pinpoints)
+    if family == "llava_onevision":
+        return tf.LlavaOnevisionImageProcessor(size={"height": 8, "width": 8}, image_grid_pinpoints=pinpoints)
+    return tf.Qwen2VLImageProcessor(**QWEN_PIXELS)
+
+
+QWEN_PIXELS = dict(size={"shortest_edge": 256, "longest_edge": 256}, patch_size=2, merge_size=2,
+                   temporal_patch_size=2)  # pictures resized to about 16x16 pixels: 16 tokens after the merge
+VIDEO_PROCESSORS = {"llava_onevision": ("LlavaOnevisionVideoProcessor", {"size": {"height": 8, "width": 8}}),
+                    "qwen2_vl": ("Qwen2VLVideoProcessor", QWEN_PIXELS),
+                    "qwen2_5_vl": ("Qwen2VLVideoProcessor", QWEN_PIXELS)}
+
+
+def _video_processor(family: str):
+    """``(video processor, processor class adapter)``: the real one with torchvision, else covipal's stand-in."""
+    import transformers as tf
+
+    from covipal.base_model import accepting_frames_only, frames_only_video_processor
+
+    name, settings = VIDEO_PROCESSORS[family]
+    try:
+        return getattr(tf, name)(**settings), lambda cls: cls
+    except ImportError:  # no torchvision: the processor is built as covipal.base_model.load_processor builds it
+        return frames_only_video_processor({**settings, "video_processor_type": name}), accepting_frames_only
+
+
+def tiny_processor(family: str = "llava", chat_template: bool = True):
+    """The real processor class of ``family`` for :func:`tiny_model`'s model, built offline.
+
+    Its tokenizer is :func:`tiny_tokenizer`; with ``chat_template`` it has a simple template (a
+    user turn renders its images, videos and text; the generation prompt opens the assistant
+    turn). Pictures of any size give as many vision tokens as the tiny vision tower yields
+    features (llava 16, llava_next and llava_onevision 10 for a square picture, Qwen 16).
+    """
+    import transformers as tf
+
+    tokenizer, images = tiny_tokenizer(family), _image_processor(family)
+    template = CHAT_TEMPLATES[family] if chat_template else None
+    if family in ("llava", "llava_next"):
+        cls = tf.LlavaProcessor if family == "llava" else tf.LlavaNextProcessor
+        return cls(image_processor=images, tokenizer=tokenizer, patch_size=4, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, chat_template=template)
+    video, adapt = _video_processor(family)
+    if family == "llava_onevision":
+        return adapt(tf.LlavaOnevisionProcessor)(image_processor=images, tokenizer=tokenizer, video_processor=video,
+                                                 num_image_tokens=4, vision_feature_select_strategy="full",
+                                                 chat_template=template)
+    cls = tf.Qwen2VLProcessor if family == "qwen2_vl" else tf.Qwen2_5_VLProcessor
+    return adapt(cls)(image_processor=images, tokenizer=tokenizer, video_processor=video, chat_template=template)
+
+
+def save_checkpoint(family: str, folder, layers: int = 2, seed: int = 0):
+    """Save a tiny random ``family`` model (weights from ``seed``) and its processor to ``folder`` with
+    ``save_pretrained``, as a real checkpoint is saved; generation stops at the tokenizer's eos."""
+    import copy
+
+    model = copy.deepcopy(tiny_model(family, layers)) if seed == 0 else _build_model(family, layers, seed)
+    processor = tiny_processor(family)
+    eos = processor.tokenizer.eos_token_id
+    model.config.get_text_config().eos_token_id = eos
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, PAD
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

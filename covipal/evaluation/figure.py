@@ -16,6 +16,9 @@ from pathlib import Path
 from covipal.evaluation.summary import over_budget
 
 
+YLABEL = {"vqa": "test VQA accuracy (generated answers)", "first_token": "test accuracy (first answer token)"}
+
+
 def _num(x) -> float | None:
     return None if x in (None, "") else float(x)
 
@@ -56,7 +59,7 @@ def plot_accuracy(records: list[dict], path: Path) -> dict[str, list[str]]:
         ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
         ax.invert_xaxis()
         ax.set_xlabel("reserve ratio r (hollow: over the budget)")
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(YLABEL.get(pts[0].get("metric"), "test accuracy"))
         ax.set_title(f"{modality} ({pts[0]['rows']} rows)", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="lower left")

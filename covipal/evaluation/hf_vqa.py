@@ -3,86 +3,31 @@
     python -m covipal.evaluation.hf_vqa --model llava-hf/llava-1.5-7b-hf --data lmms-lab/VQAv2 \\
         --split validation --method fastv --ratio 0.25 --limit 1000 --output vqa_fastv.json
 
-The data set (``datasets.load_from_disk`` for a local folder, else ``load_dataset``) needs
-an image column, a question column and an answer column (names configurable); the
-answer is one string or a list of human answers (VQAv2's ``answers``, as strings or
-``{"answer": ...}`` records). The model (``AutoModelForImageTextToText`` +
-``AutoProcessor``) gets the processor's chat template when it has one (one user turn:
-the image, then the question in ``--prompt``), else ``"<image token>\\n<question>"``; it
-answers greedily and the answer is scored after VQA normalisation (:func:`normalize`):
-
-- ``vqa``: ``min(1, #matching human answers / 3)`` (the VQA accuracy, without the official
-  10-choose-9 averaging);
-- ``exact``: 1 if the answer equals any reference answer.
+A command over the ``evaluate`` stage's harness (:func:`covipal.evaluation.harness.evaluate_methods`
+with ``generate`` scoring), for a model and data set outside the pipeline. The data set
+(``datasets.load_from_disk`` for a local folder, else ``load_dataset``) needs an image
+column (one image, or a list of frames), a question column and an answer column (names
+configurable); the answer is one string or a list of human answers (VQAv2's ``answers``,
+as strings or ``{"answer": ...}`` records). The model (``AutoModelForImageTextToText`` +
+``AutoProcessor``) is prompted as :class:`covipal.training.hf_inputs.HFInputs` prompts it
+(the processor's chat template when it has one: one user turn, the images, then the
+question in ``--prompt``); it answers greedily and the answer is scored after VQA
+normalisation (:mod:`covipal.evaluation.vqa`: ``vqa`` accuracy or ``exact`` match).
 
 Every prompt is pruned by ``--method`` at ``--ratio`` (``--method none`` runs unpruned);
 the result states the budget both ways (vision tokens entering the LLM, averaged over
-its layers) next to the unpruned count.
+its layers) next to the unpruned count, and the unpruned accuracy on the same rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
+from collections import Counter
 from pathlib import Path
 
-# --- answer normalisation (after the official VQA evaluation's processPunctuation / processDigitArticle) ---
-
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-_CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't", "cant": "can't",
-                 "wont": "won't", "wasnt": "wasn't", "werent": "weren't", "didnt": "didn't", "hasnt": "hasn't",
-                 "havent": "haven't", "im": "i'm", "ive": "i've", "youre": "you're", "thats": "that's",
-                 "whats": "what's", "shouldnt": "shouldn't", "couldnt": "couldn't", "wouldnt": "wouldn't"}
-_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_DIGITS = re.compile(r"(\d)(,)(\d)")
-
-
-def normalize(answer: str) -> str:
-    """VQA normalisation: lower case, punctuation removed (decimal points kept), number words
-    as digits, articles dropped, common contractions restored."""
-    original = text = answer.replace("\n", " ").replace("\t", " ").strip().lower()
-    for p in _PUNCT:
-        if (p + " " in original or " " + p in original) or _COMMA_DIGITS.search(original) is not None:
-            text = text.replace(p, "")
-        else:
-            text = text.replace(p, " ")
-    text = _PERIOD.sub("", text)
-    words = []
-    for word in text.split():
-        word = _NUMBERS.get(word, word)
-        if word not in _ARTICLES:
-            words.append(_CONTRACTIONS.get(word, word))
-    return " ".join(words)
-
-
-def references(answer) -> list[str]:
-    """A row's reference answers as strings: one string, a list of strings, or VQAv2 ``{"answer": ..}`` records."""
-    if isinstance(answer, str):
-        return [answer]
-    if isinstance(answer, dict) and "answer" in answer:
-        return references(answer["answer"])
-    if isinstance(answer, (list, tuple)):
-        return [a["answer"] if isinstance(a, dict) else str(a) for a in answer]
-    raise ValueError(f"cannot read reference answers from {answer!r}; give a string or a list of strings")
-
-
-def vqa_score(prediction: str, answers, metric: str = "vqa") -> float:
-    """Score of ``prediction`` against the row's reference ``answers`` (see the module docstring)."""
-    pred = normalize(prediction)
-    refs = [normalize(a) for a in references(answers)]
-    if metric == "exact":
-        return float(pred in refs)
-    if metric == "vqa":
-        return min(1.0, sum(r == pred for r in refs) / 3)
-    raise ValueError(f"metric must be 'vqa' or 'exact', got {metric!r}")
-
-
-# --- the evaluator ----------------------------------------------------------------------------------
+from covipal.evaluation.vqa import METRICS, references, vqa_score
 
 
 def load_rows(data: str, split: str | None = None, config: str | None = None, limit: int | None = None):
@@ -100,82 +45,72 @@ def load_rows(data: str, split: str | None = None, config: str | None = None, li
     return ds if limit is None or limit >= len(ds) else ds.select(range(limit))
 
 
-def build_prompts(processor, questions: list[str], template: str) -> list[str]:
-    """One prompt per question: the chat template with an image and the question, or ``<image>\\nquestion``."""
-    texts = [template.format(question=q) for q in questions]
-    if getattr(processor, "chat_template", None):
-        return [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                             {"type": "text", "text": t}]}],
-                                              add_generation_prompt=True) for t in texts]
-    image_token = getattr(processor, "image_token", None)
-    if image_token is None:
-        raise ValueError(f"{type(processor).__name__} has neither a chat template nor an image_token; "
-                         "give a processor with one of them")
-    return [f"{image_token}\n{t}" for t in texts]
+def vqa_rows(ds, image_column: str = "image", question_column: str = "question", answer_column: str = "answer",
+             prompt: str = "{question}") -> list[dict]:
+    """Rows of ``ds`` in the pipeline's schema: ``images`` (a list), ``question`` (``prompt`` filled in),
+    ``answers``, ``answer`` (the most common one) and ``modality`` (video for several pictures)."""
+    missing = [c for c in (image_column, question_column, answer_column) if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"the data set lacks column(s) {missing} (it has {ds.column_names}); "
+                         "name the right ones with --image-column / --question-column / --answer-column")
+    rows = []
+    for i, row in enumerate(ds):
+        images = row[image_column]
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        answers = references(row[answer_column])
+        if not images or not answers:
+            raise ValueError(f"row {i} has no {'image' if not images else 'reference answer'}; "
+                             "filter such rows out of the data set")
+        rows.append({"images": images, "question": prompt.format(question=row[question_column]),
+                     "answers": answers, "answer": Counter(answers).most_common(1)[0][0],
+                     "modality": "image" if len(images) == 1 else "video"})
+    return rows
 
 
 def evaluate_vqa(model, processor, rows, method: str = "none", ratio: float = 1.0, method_args: dict | None = None,
                  image_column: str = "image", question_column: str = "question", answer_column: str = "answer",
                  prompt: str = "{question}", metric: str = "vqa", batch_size: int = 8, max_new_tokens: int = 16,
                  n_bootstrap: int = 1000, progress: bool = True) -> dict:
-    """Accuracy of ``model`` pruned by ``method`` at ``ratio`` on ``rows``, with a bootstrap interval.
+    """Accuracy of ``model`` pruned by ``method`` at ``ratio`` on the data set ``rows``, with a bootstrap interval.
 
-    Returns ``{"accuracy", "ci_low", "ci_high", "rows", "tokens_full", "tokens_entering",
-    "tokens_layer_average", "method", "ratio", "metric", "predictions": [{question, prediction,
-    answers, score, tokens_entering, tokens_layer_average}]}``; token counts are vision tokens
-    per row (means over rows at the top level).
+    Returns ``{"accuracy", "ci_low", "ci_high", "unpruned_accuracy", "rows", "tokens_full",
+    "tokens_entering", "tokens_layer_average", "method", "ratio", "metric", "predictions":
+    [{question, prediction, answers, score, tokens_full, tokens_entering, tokens_layer_average}]}``;
+    token counts are vision tokens per row (means over rows at the top level).
     """
     import numpy as np
-    import torch
-    from tqdm.auto import tqdm
 
     from covipal.evaluation.bootstrap import mean_interval
+    from covipal.evaluation.harness import FULL, GENERATE, evaluate_methods
     from covipal.pruning import get_method
+    from covipal.training.hf_inputs import HFInputs
 
-    missing = [c for c in (image_column, question_column, answer_column) if c not in rows.column_names]
-    if missing:
-        raise ValueError(f"the data set lacks column(s) {missing} (it has {rows.column_names}); "
-                         "name the right ones with --image-column / --question-column / --answer-column")
-    pruner = None if method == "none" else get_method(method, reserve_ratio=ratio, **(method_args or {}))
-    tokenizer = getattr(processor, "tokenizer", processor)
-    tokenizer.padding_side = "left"  # generation continues every row from the last column
-    device = next(model.parameters()).device
-    out = []
-    for start in tqdm(range(0, len(rows), batch_size), desc=f"vqa {method}@{ratio:g}", disable=not progress):
-        batch = rows[start:start + batch_size]
-        images = [im.convert("RGB") if hasattr(im, "convert") else im for im in batch[image_column]]
-        texts = build_prompts(processor, batch[question_column], prompt)
-        inputs = processor(images=images, text=texts, return_tensors="pt", padding=True).to(device)
-        with torch.no_grad():
-            if pruner is None:
-                generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-                n_vision = _vision_counts(model, inputs["input_ids"])
-                budgets = [(n, float(n)) for n in n_vision]
-            else:
-                with pruner(model) as run:
-                    generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-                n_vision = run.n_vision.tolist()
-                budgets = [(b.entering, b.layer_average) for b in run.budget()]
-        answers = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for q, a, refs, n, (entering, average) in zip(batch[question_column], answers, batch[answer_column],
-                                                      n_vision, budgets):
-            out.append({"question": q, "prediction": a.strip(), "answers": references(refs),
-                        "score": vqa_score(a, refs, metric), "tokens_full": int(n), "tokens_entering": int(entering),
-                        "tokens_layer_average": float(average)})
-    ci = mean_interval(np.array([p["score"] for p in out]), n_bootstrap)
-    mean = {k: float(np.mean([p[k] for p in out])) for k in ("tokens_full", "tokens_entering", "tokens_layer_average")}
-    return {"method": method, "ratio": ratio, "metric": metric, "rows": len(out), "accuracy": ci.mean,
-            "ci_low": ci.low, "ci_high": ci.high, **mean, "predictions": out}
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+    if method == "none" and ratio != FULL:
+        raise ValueError(f"--method none prunes nothing; its ratio is 1, not {ratio}")
+    data = vqa_rows(rows, image_column, question_column, answer_column, prompt)
+    ratios = sorted({FULL, ratio}, reverse=True)
 
+    def make(name: str, r: float):
+        return get_method(method, reserve_ratio=r, **(method_args or {}))
 
-def _vision_counts(model, input_ids) -> list[int]:
-    """Vision tokens per prompt, by the adapter table's token ids."""
-    import torch
-
-    from covipal.pruning import get_adapter
-
-    ids = torch.tensor(get_adapter(model).vision_token_ids(model.config), device=input_ids.device)
-    return torch.isin(input_ids, ids).sum(dim=1).tolist()
+    out = evaluate_methods(model, HFInputs(processor), data, make, [method], ratios, batch_size, progress,
+                           scoring=GENERATE, max_new_tokens=max_new_tokens)
+    res, full = out[(method, ratio)], out[(method, FULL)]
+    questions = rows[question_column]
+    predictions = [{"question": q, "prediction": p, "answers": r["answers"],
+                    "score": vqa_score(p, r["answers"], metric), "tokens_full": int(n), "tokens_entering": int(e),
+                    "tokens_layer_average": float(a)}
+                   for q, p, r, n, e, a in zip(questions, res.prediction, data, res.n_vision, res.entering,
+                                               res.layer_average)]
+    unpruned = [vqa_score(p, r["answers"], metric) for p, r in zip(full.prediction, data)]
+    ci = mean_interval(np.array([p["score"] for p in predictions]), n_bootstrap)
+    mean = {k: float(np.mean([p[k] for p in predictions]))
+            for k in ("tokens_full", "tokens_entering", "tokens_layer_average")}
+    return {"method": method, "ratio": ratio, "metric": metric, "rows": len(predictions), "accuracy": ci.mean,
+            "ci_low": ci.low, "ci_high": ci.high, "unpruned_accuracy": float(np.mean(unpruned)), **mean,
+            "predictions": predictions}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -189,12 +124,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--method", default="none", help="registered pruning method, or none (default)")
     parser.add_argument("--ratio", type=float, default=1.0, help="reserve ratio r in (0, 1] (default 1)")
     parser.add_argument("--method-args", default="{}", help='extra method fields as JSON, e.g. \'{"layer": 2}\'')
-    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--image-column", default="image", help="one image or a list of frames per row")
     parser.add_argument("--question-column", default="question")
-    parser.add_argument("--answer-column", default="answer")
+    parser.add_argument("--answer-column", default="answer", help="one answer or a list of human answers per row")
     parser.add_argument("--prompt", default="{question}\nAnswer the question using a single word or phrase.",
                         help="user text; {question} is replaced by the question")
-    parser.add_argument("--metric", choices=["vqa", "exact"], default="vqa")
+    parser.add_argument("--metric", choices=list(METRICS), default="vqa")
     parser.add_argument("--limit", type=int, default=None, help="first N rows only")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)

@@ -20,7 +20,7 @@ def find_version(ppm_dir: str | Path, name: str) -> tuple[str | None, bool]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from covipal.training.pipeline import content_hash
+    from covipal.io import content_hash
 
     client = MlflowClient()
     want = content_hash(ppm_dir)

@@ -19,6 +19,10 @@
   pruned prefill, and the measured speedup as a fraction of their ratio.
 
 :func:`frames_that_fit` finds the longest video whose ``generate`` fits under a memory cap.
+
+A method that cannot prune the model's family (:meth:`covipal.pruning.Pruner.supports`, e.g.
+VisionZip without a CLIP-style tower) is not measured: both functions list it under
+``skipped`` with the reason.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
-from covipal.profiling.flops import prefill_flops, speedup_limit, vision_tokens
+from covipal.profiling.flops import speedup_limit
 from covipal.profiling.measure import Clock, kv_cache_bytes, peak_memory, summary, tensor_bytes
-from covipal.profiling.shapes import Subject, make_inputs, weight_bytes
+from covipal.profiling.shapes import Subject, weight_bytes
 
 UNPRUNED = "none"
 
@@ -59,6 +63,21 @@ def make_pruner(case: Case, ppm=None):
 
     extra = {"ppm": ppm} if case.method == "covipal" else {}
     return get_method(case.method, reserve_ratio=case.ratio, **extra)
+
+
+def runnable(cases: list[Case], model, ppm=None, log=print) -> tuple[list[Case], list[dict]]:
+    """``(the cases whose method can prune model, [{"label", "method", "reserve_ratio", "reason"}] for the rest)``."""
+    keep, skipped = [], []
+    for case in cases:
+        pruner = make_pruner(case, ppm)
+        reason = None if pruner is None else pruner.supports(model)
+        if reason is None:
+            keep.append(case)
+        else:
+            skipped.append({"label": case.label, "method": case.method, "reserve_ratio": case.ratio,
+                            "reason": reason})
+            log(f"  {case.label}: skipped ({reason})")
+    return keep, skipped
 
 
 @contextmanager
@@ -138,18 +157,17 @@ def profile_methods(subject: Subject, cases: list[Case], *, pictures: int = 1, n
     ``batch`` copies of the prompt go through each forward (FLOPs, and so the limit's ratio,
     scale with it; KV-cache bytes are the whole batch's).
 
-    Returns ``{"prompt": {...}, "cases": [one dict per case]}``; see the module docstring.
+    Returns ``{"prompt": {...}, "cases": [one dict per case], "skipped": [...]}``; see the module docstring.
     """
     model, config = subject.model, subject.config
     device = torch.device(device)
     clock = Clock(device)
-    cases = [Case()] + [c for c in cases if c.method != UNPRUNED]
+    cases, skipped = runnable([Case()] + [c for c in cases if c.method != UNPRUNED], model, ppm, log)
     pruners = {c: make_pruner(c, ppm) for c in cases}
-    inputs = make_inputs(config, pictures, n_text, device=device, dtype=dtype, batch=batch)
-    n_v, layers = vision_tokens(config, pictures), config.text_config.num_hidden_layers
+    inputs = subject.inputs(pictures, n_text, device=device, dtype=dtype, batch=batch)
+    n_v, layers = subject.vision_tokens(pictures), config.text_config.num_hidden_layers
     ppm_config = getattr(ppm, "config", None)
-    flops = {c: prefill_flops(config, pictures, n_text,
-                              schedule=None if p is None else p.schedule(n_v, layers),
+    flops = {c: subject.flops(pictures, n_text, schedule=None if p is None else p.schedule(n_v, layers),
                               ppm=ppm_config if c.method == "covipal" else None)
              for c, p in pruners.items()}
     times = {c: [] for c in cases}
@@ -205,7 +223,7 @@ def profile_methods(subject: Subject, cases: list[Case], *, pictures: int = 1, n
     prompt = {"pictures": pictures, "batch": batch, "vision_tokens": n_v, "text_tokens": n_text,
               "prompt_tokens": int(inputs["input_ids"].shape[1]), "decode_tokens": decode_tokens,
               "warmup": warmup, "repeats": repeats}
-    return {"prompt": prompt, "cases": results}
+    return {"prompt": prompt, "cases": results, "skipped": skipped}
 
 
 def _free(device: torch.device) -> None:
@@ -229,9 +247,14 @@ def frames_that_fit(subject: Subject, cases: list[Case], frames: list[int], cap_
 
     On a GPU the cap is enforced (``torch.cuda.set_per_process_memory_fraction``) and a
     run that runs out of memory does not fit; on the CPU each run's peak (live tensors,
-    weights included) is compared with the cap. A case stops at its first length that
-    does not fit, except for the lengths in ``also_try``, which are always measured. Returns ``{"cap_bytes", "cases": [{"label", "largest_fitting_frames",
-    "points": [{"frames", "peak_bytes" (None: out of memory), "fits"}]}]}``.
+    weights included) is compared with the cap: a length fits when its peak is at most the
+    cap. A case stops at its first length that does not fit, except for the lengths in
+    ``also_try``, which are always measured; its largest fitting length is the longest of
+    the unbroken run of fitting lengths from the shortest (0 when the shortest does not fit).
+
+    Returns ``{"cap_bytes", "frames_per_picture", "enforced" (True on a GPU), "skipped": [...],
+    "cases": [{"label", "method", "reserve_ratio", "largest_fitting_frames", "points": [{"frames",
+    "vision_tokens", "prompt_tokens", "peak_bytes" (None: out of memory), "fits"}]}]}``.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -239,7 +262,9 @@ def frames_that_fit(subject: Subject, cases: list[Case], frames: list[int], cap_
         if cap_bytes > total:
             raise ValueError(f"memory cap {cap_bytes / 2**30:.1f} GiB exceeds the GPU's {total / 2**30:.1f} GiB")
         torch.cuda.set_per_process_memory_fraction(cap_bytes / total, _index(device))
-    out = {"cap_bytes": cap_bytes, "frames_per_picture": subject.frames_per_picture, "cases": []}
+    cases, skipped = runnable(cases, subject.model, ppm, log)
+    out = {"cap_bytes": cap_bytes, "frames_per_picture": subject.frames_per_picture,
+           "enforced": device.type == "cuda", "skipped": skipped, "cases": []}
     try:
         for case in cases:
             pruner = make_pruner(case, ppm)
@@ -247,7 +272,8 @@ def frames_that_fit(subject: Subject, cases: list[Case], frames: list[int], cap_
             for n in sorted(set(frames) | set(also_try)):
                 if missed and n not in also_try:
                     continue
-                inputs = make_inputs(subject.config, subject.pictures(n), n_text, device=device, dtype=dtype)
+                inputs = subject.inputs(subject.pictures(n), n_text, device=device, dtype=dtype)
+                prompt_tokens = int(inputs["input_ids"].shape[1])
                 peak, oom = None, False
                 try:
                     with torch.inference_mode(), pruner(subject.model) if pruner else nullcontext():
@@ -259,7 +285,8 @@ def frames_that_fit(subject: Subject, cases: list[Case], frames: list[int], cap_
                 del inputs
                 _free(device)
                 fits = not oom and peak <= cap_bytes
-                points.append({"frames": n, "peak_bytes": peak, "fits": fits})
+                points.append({"frames": n, "vision_tokens": subject.vision_tokens(subject.pictures(n)),
+                               "prompt_tokens": prompt_tokens, "peak_bytes": peak, "fits": fits})
                 log(f"  {case.label}: {n} frames -> "
                     + ("out of memory" if oom else f"{peak / 2**20:.1f} MiB") + ("" if fits else " (does not fit)"))
                 missed = missed or not fits
@@ -280,7 +307,7 @@ def trace_prefill(subject: Subject, case: Case, path, *, pictures: int = 1, n_te
 
     device = torch.device(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    inputs = make_inputs(subject.config, pictures, n_text, device=device, dtype=dtype)
+    inputs = subject.inputs(pictures, n_text, device=device, dtype=dtype)
     pruner = make_pruner(case, ppm)
     with torch.inference_mode(), pruner(subject.model) if pruner else nullcontext():
         prefill(subject.model, inputs)  # warm-up outside the trace

@@ -4,7 +4,7 @@ The count is of matrix products only (a multiply-add is 2 FLOPs); norms, activat
 rotary embeddings, softmax and gathers are left out: they are a small share and do not
 change with the method. Dimensions come from the model's Hugging Face config.
 
-- **Vision encoder** (CLIP/SigLIP tower of LLaVA-family models; the Qwen2-VL ViT): patch
+- **Vision encoder** (CLIP/SigLIP tower of LLaVA models; the Qwen2-VL ViT): patch
   embedding, per layer QKV/output projections, attention (every token with every token
   of its image, or of its temporal slice for Qwen2-VL) and MLP; every layer is counted,
   because LLaVA computes them all even when it reads a hidden layer's output.
@@ -20,13 +20,20 @@ Pruning changes the number of tokens each decoder layer sees; a method's
 :meth:`~covipal.pruning.Pruner.schedule` says how many vision tokens remain from which
 layer on, so the same count serves methods that prune before the LLM and inside it.
 The largest speedup pruning can bring to a prefill is ``full.total / pruned.total``.
+
+The analytic vision count covers ``llava`` and ``qwen2_vl`` (:data:`SUPPORTED`). For the
+other families (LLaVA-NeXT's and LLaVA-OneVision's tiles, Qwen2.5-VL's windowed ViT) the
+vision encoder and projector are counted by :func:`measured_vision_flops`, torch's
+``FlopCounterMode`` over one run of the model's own vision path, and passed to
+:func:`prefill_flops` as ``encoder``; the LLM and the PPM are counted here for every family.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SUPPORTED = ("llava", "qwen2_vl")
+SUPPORTED = ("llava", "qwen2_vl")  # families whose vision encoder and projector are counted from the config
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # vision tokens from the grid: patches / spatial_merge_size ** 2
 QWEN_GRID = 48  # patches per side of a Qwen2-VL picture in the profiling shapes (14 px each)
 
 
@@ -53,10 +60,11 @@ def _linear(n: int, d_in: int, d_out: int) -> int:
     return 2 * n * d_in * d_out
 
 
-def _family(config) -> str:
+def _family(config, supported: tuple = SUPPORTED) -> str:
     family = getattr(config, "model_type", None)
-    if family not in SUPPORTED:
-        raise ValueError(f"no FLOP count for model type {family!r}; supported: {list(SUPPORTED)}")
+    if family not in supported:
+        raise ValueError(f"no analytic count for model type {family!r}; supported: {list(supported)} "
+                         "(for other families, count the vision side with measured_vision_flops)")
     return family
 
 
@@ -70,8 +78,8 @@ def _qwen_grid(n_images: int) -> tuple[int, int]:
 
 
 def vision_tokens(config, n_images: int) -> int:
-    """Vision tokens the LLM receives for ``n_images`` pictures (video frames for Qwen2-VL)."""
-    if _family(config) == "qwen2_vl":
+    """Vision tokens the LLM receives for ``n_images`` pictures (video frames for Qwen2-VL and Qwen2.5-VL)."""
+    if _family(config, SUPPORTED + QWEN_FAMILIES) in QWEN_FAMILIES:
         t, patches = _qwen_grid(n_images)
         return t * patches // config.vision_config.spatial_merge_size ** 2
     v = config.vision_config
@@ -134,7 +142,8 @@ def ppm_flops(ppm_config, n_vision: int, n_text: int) -> int:
 
 
 def prefill_flops(config, n_images: int, n_text: int, schedule: list[tuple[int, int]] | None = None,
-                  ppm=None, causal: bool = True) -> PrefillFlops:
+                  ppm=None, causal: bool = True, encoder: tuple[int, int] | None = None,
+                  n_vision: int | None = None) -> PrefillFlops:
     """FLOPs of a prefill of ``n_images`` pictures and ``n_text`` text tokens.
 
     Parameters
@@ -148,13 +157,18 @@ def prefill_flops(config, n_images: int, n_text: int, schedule: list[tuple[int, 
         Count a PPM scoring the vision tokens (the ``covipal`` method).
     causal : bool
         Count the LLM's attention over the causal pairs (default) or the full square.
+    encoder : (vision, projector), optional
+        FLOPs of the vision side, counted elsewhere (:func:`measured_vision_flops`); None:
+        the analytic count (``llava`` and ``qwen2_vl`` only).
+    n_vision : int, optional
+        Vision tokens the LLM receives; None: :func:`vision_tokens` of the config.
     """
-    n_v = vision_tokens(config, n_images)
+    n_v = vision_tokens(config, n_images) if n_vision is None else n_vision
     layers = config.text_config.num_hidden_layers
     counts = [n_v] * layers
     for layer, count in sorted(schedule or []):
         counts[layer:] = [count] * (layers - layer)
-    vision, projector = encoder_flops(config, n_images)
+    vision, projector = encoder_flops(config, n_images) if encoder is None else encoder
     return PrefillFlops(vision=vision, projector=projector,
                         ppm=ppm_flops(ppm, n_v, n_text) if ppm is not None else 0,
                         llm=llm_flops(config.text_config, [n_text + c for c in counts], causal))
@@ -163,3 +177,31 @@ def prefill_flops(config, n_images: int, n_text: int, schedule: list[tuple[int, 
 def speedup_limit(full: PrefillFlops, pruned: PrefillFlops) -> float:
     """The largest prefill speedup pruning can bring: the ratio of FLOPs."""
     return full.total / pruned.total
+
+
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the CPU's fused attention (QK^T and AV over the full square), which torch's counter lacks."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def measured_vision_flops(run, projector_keys: tuple[str, ...]) -> tuple[int, int]:
+    """``(vision encoder, projector)`` FLOPs of ``run()``, a call of a model's vision path, counted by torch's
+    ``FlopCounterMode`` (matrix products and convolutions, attention over the full square as here).
+
+    ``projector_keys``: the counter's names of the projector module (its class name when it is
+    called on its own, ``Outer.attr`` when a module calls it); the first present is taken.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False,
+                              custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                                              _cpu_sdpa_flops})
+    with torch.inference_mode(), counter:
+        run()
+    by_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    total = counter.get_total_flops()
+    projector = next((by_module[k] for k in projector_keys if k in by_module), 0)
+    return total - projector, projector

@@ -7,6 +7,11 @@ from pathlib import Path
 MIB = 2 ** 20
 
 
+def count(n: int) -> str:
+    """A parameter count in words a reader takes in at a glance: 7.06B, 1.4M, 95,040."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
 def case_table(result: dict) -> str:
     """Markdown table, one row per case: times, speedup next to the limit, scorer share, KV bytes, memory."""
     rows = ["| case | prefill median (s) | spread p25–p75 (s) | speedup (medians) | limit | of limit "
@@ -90,13 +95,14 @@ def plot_speedup(result: dict, path: Path) -> None:
 
 
 def plot_frames(frames: dict, device: str, path: Path) -> None:
-    """Peak memory against video frames for each case, with the cap."""
+    """Peak memory against video frames for each case, with the cap; the title names the model and the device,
+    the caption how the cap was chosen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for i, case in enumerate(frames["cases"]):
         measured = [p for p in case["points"] if p["peak_bytes"] is not None]
         ax.plot([p["frames"] for p in measured], [p["peak_bytes"] / MIB for p in measured], "o-", color=f"C{i}",
@@ -105,33 +111,89 @@ def plot_frames(frames: dict, device: str, path: Path) -> None:
         if oom:
             ax.plot(oom, [frames["cap_bytes"] / MIB] * len(oom), "x", color=f"C{i}", markersize=10,
                     label=f"{case['label']}: out of memory")
-    ax.axhline(frames["cap_bytes"] / MIB, color="red", ls="--", label="memory cap")
+    cap = frames["cap_bytes"] / MIB
+    ax.axhline(cap, color="red", ls="--",
+               label=f"memory cap {cap:,.1f} MiB" + (" (scaled to the model)" if frames.get("cap_source") == "scaled"
+                                                      else ""))
     lengths = sorted({pt["frames"] for case in frames["cases"] for pt in case["points"]})
-    _finish(fig, ax, path, lengths, "video frames", "peak memory (MiB)", f"Memory against frames ({device})")
+    where = f"{frames['model']} on {frames.get('device_name', device)}" if frames.get("model") else device
+    fig.text(0.01, 0.01, "fits: peak memory at most the cap" + (" (enforced on the GPU)" if device == "cuda" else
+                                                               " (measured peak compared, CPU)"),
+             fontsize=7, color="grey")
+    _finish(fig, ax, path, lengths, "video frames", "peak memory (MiB)", f"Memory against frames: {where}")
+
+
+def _frames_sentence(case: dict, cap_mib: float) -> str:
+    """One case's result in words."""
+    points = case["points"]
+    if not points:
+        return f"- {case['label']}: no length was tried."
+    if case["largest_fitting_frames"] == 0:
+        first = points[0]
+        need = "runs out of memory" if first["peak_bytes"] is None else f"needs {first['peak_bytes'] / MIB:,.1f} MiB"
+        return (f"- {case['label']}: no length tried fits; the shortest, {first['frames']} frames, {need} "
+                f"against a cap of {cap_mib:,.1f} MiB.")
+    if all(p["fits"] for p in points):
+        return (f"- {case['label']}: every length tried fits, up to {points[-1]['frames']} frames; add longer "
+                "lengths to profile.frames to find where it stops.")
+    over = next(p for p in points if not p["fits"])
+    need = "runs out of memory" if over["peak_bytes"] is None else f"needs {over['peak_bytes'] / MIB:,.1f} MiB"
+    return (f"- {case['label']}: up to {case['largest_fitting_frames']} frames fit; {over['frames']} frames {need}, "
+            f"more than the cap.")
+
+
+def frames_section(frames: dict) -> list[str]:
+    """The report's lines on the frames that fit: what was run, the cap and how it was chosen, what "fits" means,
+    each case in words and a table of every length measured."""
+    cap = frames["cap_bytes"] / MIB
+    lines = ["", "## Longest video that fits in memory", ""]
+    if frames.get("model"):
+        per = frames.get("frames_per_picture", 1)
+        lines += [f"- What was run: {frames['model']} on {frames['device_name']}, one prompt holding a video of "
+                  "N frames" + (f" ({per} frames packed into each picture)" if per > 1 else "")
+                  + f" and {frames['text_tokens']} text tokens, then {frames['decode_tokens']} new tokens generated; "
+                  "unpruned and with the pipeline's pruning method. Longer videos are tried while the shorter "
+                  "ones fit."]
+    lines.append(f"- Memory cap: {cap:,.1f} MiB ({frames['cap_bytes']:,} bytes), {frames['cap_rule']}.")
+    if frames.get("fits_means"):
+        lines.append(f"- A length fits when {frames['fits_means']}.")
+    lines += ["", "Result:", ""] + [_frames_sentence(c, cap) for c in frames["cases"]]
+    lines += [f"- {s['label']}: not measured, the method cannot prune this model ({s['reason']})."
+              for s in frames.get("skipped", [])]
+    lines += ["", "| case | frames that fit | vision tokens at that length | peak memory at each length (MiB) |",
+              "|---|---|---|---|"]
+    for case in frames["cases"]:
+        best = next((pt for pt in case["points"] if pt["frames"] == case["largest_fitting_frames"]), None)
+        tokens = best.get("vision_tokens", "") if best else ""
+        points = ", ".join(f"{pt['frames']}: " + ("out of memory" if pt["peak_bytes"] is None
+                                                 else f"{pt['peak_bytes'] / MIB:,.1f}")
+                           + ("" if pt["fits"] else " (does not fit)") for pt in case["points"])
+        lines.append(f"| {case['label']} | {case['largest_fitting_frames']} | {tokens} | {points} |")
+    return lines
 
 
 def markdown(result: dict, frames: dict | None = None, top_ops: str | None = None) -> str:
-    """The report: which device produced it, the prompt, the case table and the frames that fit."""
+    """The report: which device and model produced it, the prompt, the case table, the methods not measured and
+    the frames that fit."""
     p = result["prompt"]
     lines = [f"# Profile: {result['shape']} on {result['device_name']}", "",
              f"- device: **{result['device']}** ({result['device_name']})"
              + (f", {result['threads']} torch threads" if result["device"] == "cpu" else ""),
-             f"- model: {result['shape']}, {result['parameters'] / 1e6:.1f}M parameters, {result['dtype']}"
+             f"- model: {result['shape']}, {count(result['parameters'])} parameters, {result['dtype']}"
              + (f"; PPM: {result['ppm']}" if result.get("ppm") else ""),
              f"- prompt: {p['pictures']} picture(s), {p['vision_tokens']} vision + {p['text_tokens']} text tokens"
              + (f", batch of {p['batch']}" if p.get("batch", 1) > 1 else "") + "; "
              f"{p['warmup']} warm-up + {p['repeats']} timed rounds, interleaved; {p['decode_tokens']} decoded tokens",
-             "- speedup = unpruned prefill median / pruned prefill median; limit = ratio of analytic FLOPs "
-             "(covipal/profiling/flops.py); scorer = the pruner's `score` call (the PPM for covipal)",
+             "- prefill: reading the whole prompt once, before the first answer token. Speedup: the unpruned "
+             "prefill's median time over the pruned one's. Limit: the most pruning could give, the ratio of their "
+             "counted arithmetic (FLOPs, covipal/profiling/flops.py). Scorer: the time the method spends choosing "
+             "tokens (the PPM for covipal)",
              "", case_table(result)]
+    if result.get("skipped"):
+        lines += ["", "## Methods not measured", ""]
+        lines += [f"- {s['label']}: the method cannot prune this model ({s['reason']})." for s in result["skipped"]]
     if frames is not None:
-        cap = frames["cap_bytes"] / MIB
-        lines += ["", f"## Frames that fit under {cap:.0f} MiB ({frames['cap_rule']})", "",
-                  "| case | largest fitting frames | peak at each length (MiB) |", "|---|---|---|"]
-        for case in frames["cases"]:
-            points = ", ".join(f"{pt['frames']}: " + ("OOM" if pt["peak_bytes"] is None else f"{pt['peak_bytes'] / MIB:.0f}")
-                               for pt in case["points"])
-            lines.append(f"| {case['label']} | {case['largest_fitting_frames']} | {points} |")
+        lines += frames_section(frames)
     if top_ops:
         lines += ["", "## Top operators of one pruned prefill (torch profiler)", "", "```", top_ops, "```"]
     return "\n".join(lines) + "\n"

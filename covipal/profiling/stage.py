@@ -12,7 +12,10 @@ from covipal.config import Params
 from covipal.io import atomic_output
 
 GPU_CAP_BYTES = 24 * 10 ** 9
-LLAVA_7B_BF16_BYTES = 7_063_427_072 * 2  # weights of the llava-1.5-7b shape in bf16: what a 24 GB cap is set against
+LLAVA_7B_BF16_BYTES = 7_063_427_072 * 2  # weights of the llava-1.5-7b shape in bf16
+LLAVA_7B_KV_BYTES_PER_TOKEN = 2 * 32 * 4096 * 2  # keys and values of its 32 layers of width 4096, bf16
+# prompt tokens whose KV cache fits beside LLaVA-1.5-7B's weights on a 24 GB GPU (about 18,832)
+HEADROOM_TOKENS = (GPU_CAP_BYTES - LLAVA_7B_BF16_BYTES) / LLAVA_7B_KV_BYTES_PER_TOKEN
 
 
 def device_of(choice: str) -> torch.device:
@@ -28,15 +31,46 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU"
 
 
-def memory_cap(configured_gb: float | None, device: torch.device, weights: int) -> tuple[int, str]:
-    """``(cap in bytes, how it was set)``: the configured cap; else 24 GB on a GPU, and on the CPU 24 GB
-    scaled by the model's weights over LLaVA-1.5-7B's bf16 weights."""
+def memory_cap(configured_gb: float | None, device: torch.device, weights: int,
+               kv_per_token: int | None = None) -> tuple[int, str]:
+    """``(cap in bytes, how it was chosen, in words)`` for the frames test (the rule of
+    :class:`covipal.config.ProfileConfig`).
+
+    ``configured_gb`` (``profile.memory_cap_gb``) is the cap itself, in GB of 10^9 bytes. When it
+    is None the cap is scaled to the model profiled: its ``weights`` (bytes) plus the KV cache
+    of :data:`HEADROOM_TOKENS` prompt tokens at ``kv_per_token`` bytes each, the room a 24 GB GPU
+    leaves LLaVA-1.5-7B in bf16 (so that model gets exactly 24 GB); on a GPU it is at most the
+    GPU's memory.
+    """
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     if configured_gb is not None:
-        return int(configured_gb * 10 ** 9), f"profile.memory_cap_gb = {configured_gb:g}"
+        cap = int(configured_gb * 10 ** 9)
+        if total is not None and cap > total:
+            raise ValueError(f"profile.memory_cap_gb = {configured_gb:g} is more than the GPU's "
+                             f"{total / 10 ** 9:.1f} GB; set it to at most that, or null to scale it to the model")
+        return cap, f"set by profile.memory_cap_gb = {configured_gb:g} GB"
+    if kv_per_token is None:
+        raise TypeError("memory_cap needs kv_per_token (Subject.kv_bytes_per_token()) to scale the cap to the "
+                        "model, or a configured cap")
+    cap = int(weights + HEADROOM_TOKENS * kv_per_token)
+    scaled = (f"scaled to this model: its weights ({weights / 2 ** 20:,.1f} MiB) plus the KV cache of "
+              f"{HEADROOM_TOKENS:,.0f} prompt tokens ({kv_per_token:,} bytes each), the room a 24 GB GPU leaves "
+              "LLaVA-1.5-7B in bf16")
+    own = "; set profile.memory_cap_gb for a cap of your own"
+    if total is not None and cap > total:
+        return total, (f"the GPU's whole memory (the cap {scaled} would be {cap / 10 ** 9:.1f} GB, more than it "
+                       f"has){own}")
+    return cap, scaled + own
+
+
+def fits_means(device: torch.device, decode_tokens: int) -> str:
+    """What "fits" means in the frames test on ``device``, in words."""
+    run = f"`generate` of the video prompt and {decode_tokens} new tokens"
     if device.type == "cuda":
-        return GPU_CAP_BYTES, "24 GB, set with torch.cuda.set_per_process_memory_fraction"
-    scale = weights / LLAVA_7B_BF16_BYTES
-    return int(GPU_CAP_BYTES * scale), f"24 GB x this model's weights / LLaVA-1.5-7B's bf16 weights ({scale:.2e})"
+        return (f"{run} ran with PyTorch limited to the cap (torch.cuda.set_per_process_memory_fraction) without "
+                "running out of memory; the peak shown is torch.cuda.max_memory_allocated")
+    return (f"the peak of the tensors alive at once during {run} (weights, PPM and inputs included) is at most the "
+            "cap; on the CPU nothing enforces the cap, the measured peak is compared with it")
 
 
 def _subject(params: Params, base_dir: Path, device, dtype):
@@ -54,16 +88,30 @@ def _ppm(params: Params, ppm_dir: Path, d_model: int, device, dtype, trained: bo
     from covipal.ppm import PPM
 
     if trained and (ppm_dir / "model.safetensors").exists():
-        return PPM.from_pretrained(ppm_dir).to(device, dtype), str(ppm_dir)
+        ppm = PPM.from_pretrained(ppm_dir)
+        if ppm.config.d_model != d_model:
+            raise ValueError(f"the PPM in {ppm_dir} reads hidden states of width {ppm.config.d_model}, the base "
+                             f"model's are {d_model}; rerun stage1 and stage2 on this base model")
+        return ppm.to(device, dtype), str(ppm_dir)
     torch.manual_seed(0)
     return PPM(params.stage1.ppm.build(d_model)).to(device, dtype).eval(), "random weights (stage1.ppm shape)"
+
+
+def _check_prompts(subject, p) -> None:
+    """Fail before any measurement if a prompt of ``profile.pictures`` or of a ``profile.frames`` length cannot
+    be built for this model's family."""
+    from covipal.profiling.shapes import check_pictures
+
+    check_pictures(subject.config, p.pictures)
+    for n in p.frames:
+        check_pictures(subject.config, subject.pictures(n))
 
 
 def run_profile(params: Params, base_dir: Path, ppm_dir: Path, out_dir: Path, plots_dir: Path, log=print) -> dict:
     """Profile ``params.profile``; write the figures, report and trace into ``out_dir`` and the plot CSVs into
     ``plots_dir``. Returns ``{"metrics": ..., "report": str}``."""
-    from covipal.profiling.bench import Case, frames_that_fit, profile_methods, trace_prefill
-    from covipal.profiling.report import markdown, plot_frames, plot_speedup
+    from covipal.profiling.bench import Case, frames_that_fit, make_pruner, profile_methods, trace_prefill
+    from covipal.profiling.report import count, markdown, plot_frames, plot_speedup
     from covipal.profiling.shapes import n_parameters, weight_bytes
     from covipal.pruning import available_methods
 
@@ -77,9 +125,12 @@ def run_profile(params: Params, base_dir: Path, ppm_dir: Path, out_dir: Path, pl
     device = device_of(p.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     subject = _subject(params, base_dir, device, dtype)
+    _check_prompts(subject, p)
     d_model = subject.config.text_config.hidden_size
     ppm, ppm_source = _ppm(params, ppm_dir, d_model, device, dtype, trained=p.model == "base")
-    log(f"profiling {subject.name} ({n_parameters(subject.model) / 1e6:.1f}M parameters) on {device_name(device)}; "
+    weights = weight_bytes(subject.model) + weight_bytes(ppm)
+    cap, rule = memory_cap(p.memory_cap_gb, device, weights, subject.kv_bytes_per_token())
+    log(f"profiling {subject.name} ({count(n_parameters(subject.model))} parameters) on {device_name(device)}; "
         f"PPM: {ppm_source}")
     cases = [Case(m, r) for m in p.methods for r in sorted(p.ratios, reverse=True)]
     result = profile_methods(subject, cases, pictures=p.pictures, n_text=p.text_tokens, warmup=p.warmup,
@@ -87,18 +138,21 @@ def run_profile(params: Params, base_dir: Path, ppm_dir: Path, out_dir: Path, pl
                              ppm=ppm, log=log)
     result.update(device=device.type, device_name=device_name(device), shape=subject.name, dtype=str(dtype),
                   parameters=n_parameters(subject.model), threads=torch.get_num_threads(), ppm=ppm_source)
-    cap, rule = memory_cap(p.memory_cap_gb, device, weight_bytes(subject.model))
-    log(f"frames that fit under {cap / 2**20:.0f} MiB ({rule})")
+    log(f"frames that fit under {cap / 2**20:,.1f} MiB ({rule})")
     pruned = Case(params.pruning.method, params.pruning.reserve_ratio)
-    frames = frames_that_fit(subject, [Case(), pruned], p.frames, cap, n_text=p.text_tokens, decode_tokens=2,
+    decode = 2
+    frames = frames_that_fit(subject, [Case(), pruned], p.frames, cap, n_text=p.text_tokens, decode_tokens=decode,
                              device=device, dtype=dtype, ppm=ppm, log=log)
-    frames["cap_rule"] = rule
+    frames.update(cap_rule=rule, cap_source="profile.memory_cap_gb" if p.memory_cap_gb is not None else "scaled",
+                  fits_means=fits_means(device, decode), device=device.type, device_name=device_name(device),
+                  model=subject.name, text_tokens=p.text_tokens, decode_tokens=decode)
 
     with atomic_output(out_dir) as tmp:
         tmp.mkdir()
         top_ops = None
         if p.trace:
-            top_ops = trace_prefill(subject, pruned, tmp / "trace.json", pictures=p.pictures, n_text=p.text_tokens,
+            traced = pruned if make_pruner(pruned, ppm).supports(subject.model) is None else Case()
+            top_ops = trace_prefill(subject, traced, tmp / "trace.json", pictures=p.pictures, n_text=p.text_tokens,
                                     device=device, dtype=dtype, ppm=ppm)
         plot_speedup(result, tmp / "speedup.png")
         plot_frames(frames, result["device"], tmp / "frames.png")
@@ -106,6 +160,11 @@ def run_profile(params: Params, base_dir: Path, ppm_dir: Path, out_dir: Path, pl
         (tmp / "report.md").write_text(report)
     _write_csvs(result, frames, params.pruning.method, plots_dir)
     return {"metrics": metrics(result, frames), "report": report}
+
+
+def _skipped(result: dict) -> dict:
+    """``{label: reason}`` of the cases not measured."""
+    return {s["label"]: s["reason"] for s in result.get("skipped", [])}
 
 
 def _key(case: dict) -> str:
@@ -128,28 +187,38 @@ def metrics(result: dict, frames: dict) -> dict:
             "kv_cache_bytes": c["kv_cache_bytes"], "kv_ratio": c["kv_ratio"], "kept_token_share": c["kept_token_share"],
             "peak_bytes": c["peak_bytes"], "flops": c["flops"]["total"],
         }
+    skipped = {**_skipped(result), **_skipped(frames)}
     return {"device": result["device"], "device_name": result["device_name"], "model": result["shape"],
             "parameters": result["parameters"], "threads": result["threads"], "prompt": result["prompt"],
-            "cases": cases,
-            "frames": {"cap_bytes": frames["cap_bytes"],
+            "cases": cases, "skipped": {k.replace("@", "_r"): why for k, why in skipped.items()},
+            "frames": {"cap_bytes": frames["cap_bytes"], "cap_source": frames["cap_source"],
+                       "cap_rule": frames["cap_rule"],
                        **{_key(c): {"largest_fitting_frames": c["largest_fitting_frames"]} for c in frames["cases"]}}}
 
 
 def _write_csvs(result: dict, frames: dict, method: str, plots_dir: Path) -> None:
-    """``profile_speedup.csv`` (``method``'s speedup and limit by ratio) and ``profile_frames.csv`` (MiB by frames)."""
+    """``profile_speedup.csv`` (``method``'s speedup and limit by ratio) and ``profile_frames.csv``: per length, the
+    peak MiB and whether it fits, unpruned and with ``method``, beside the cap, the rule that set it, the device
+    and the model (a pruned column stays empty when the method cannot prune the model)."""
     rows = sorted((c for c in result["cases"] if c["method"] == method), key=lambda c: c["reserve_ratio"])
     _csv(plots_dir / "profile_speedup.csv", ["reserve_ratio", "speedup", "limit"],
          [[c["reserve_ratio"], c["speedup"], c["limit"]] for c in rows])
-    unpruned, pruned = frames["cases"]
+    by_kind = {"unpruned" if c["method"] == "none" else "pruned": c for c in frames["cases"]}
+    pruned_case = by_kind["pruned"]["label"] if "pruned" in by_kind else \
+        "; ".join(f"{s['label']} skipped: {s['reason']}" for s in frames.get("skipped", []))
     lengths = sorted({pt["frames"] for c in frames["cases"] for pt in c["points"]})
-    peak = {(i, pt["frames"]): pt["peak_bytes"] for i, c in enumerate(frames["cases"]) for pt in c["points"]}
 
-    def mib(i, n):
-        value = peak.get((i, n))
-        return "" if value is None else value / 2 ** 20
+    def point(kind: str, n: int) -> list:
+        pt = next((pt for pt in by_kind[kind]["points"] if pt["frames"] == n), None) if kind in by_kind else None
+        if pt is None:
+            return ["", ""]
+        return ["" if pt["peak_bytes"] is None else pt["peak_bytes"] / 2 ** 20, pt["fits"]]
 
-    _csv(plots_dir / "profile_frames.csv", ["frames", "unpruned_mib", "pruned_mib", "cap_mib"],
-         [[n, mib(0, n), mib(1, n), frames["cap_bytes"] / 2 ** 20] for n in lengths])
+    header = ["frames", "unpruned_mib", "unpruned_fits", "pruned_mib", "pruned_fits", "cap_mib", "pruned_case",
+              "device", "model", "cap_rule"]
+    _csv(plots_dir / "profile_frames.csv", header,
+         [[n, *point("unpruned", n), *point("pruned", n), frames["cap_bytes"] / 2 ** 20, pruned_case,
+           frames["device_name"], frames["model"], frames["cap_rule"]] for n in lengths])
 
 
 def _csv(path: Path, header: list[str], rows: list[list]) -> None:

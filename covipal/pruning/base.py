@@ -166,6 +166,9 @@ class Pruner:
     reserve_ratio: float = 0.25
 
     name = "base"  # set by @register
+    # True for a method that reads the vision tower's own computation (its hooks on the tower): such a
+    # method must be given the pixels, not vision features computed before the ``with`` block
+    reads_vision_tower = False
 
     def __post_init__(self):
         if not 0 < self.reserve_ratio <= 1:
@@ -178,6 +181,14 @@ class Pruner:
         Entries where ``ctx.vision_mask`` is False are ignored.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement score(ctx) -> (B, n_v)")
+
+    def supports(self, model: nn.Module) -> str | None:
+        """Why this method cannot prune ``model`` (a part of the model it reads that ``model`` lacks), or None.
+
+        Callers check it before running a method on a model family (the ``evaluate`` stage
+        skips a method with this reason); entering ``with pruner(model)`` on such a model raises.
+        """
+        return None
 
     def setup(self, model: nn.Module) -> None:
         """Called on entering ``with pruner(model)``, before any hook is added (e.g. to load weights)."""
@@ -213,13 +224,17 @@ class Pruner:
         Adds a forward pre-hook on the multimodal base model (to read ``input_ids``), a
         forward pre-hook and hook on its language model (to prune the prefill and keep
         decoding consistent), pre-hooks on decoder layers for methods pruning inside the
-        LLM, and the method's own (:meth:`attach`); all are removed in a ``finally``.
+        LLM, and the method's own (:meth:`attach`); all are removed in a ``finally``. Raises
+        ``NotImplementedError`` with :meth:`supports`'s reason for a model the method cannot prune.
         Yields a :class:`~covipal.pruning.runtime.PruningRun` recording what was kept.
         """
         from covipal.pruning.adapters import get_adapter
         from covipal.pruning.runtime import PruningRun
 
         adapter = get_adapter(model)
+        reason = self.supports(model)
+        if reason is not None:
+            raise NotImplementedError(f"{self.name} cannot prune {type(model).__name__}: {reason}")
         base, llm = adapter.locate(model)
         if any(isinstance(getattr(h, "__self__", None), PruningRun) for h in llm._forward_pre_hooks.values()):
             raise RuntimeError(f"a pruner is already attached to {type(model).__name__}; nested pruning is not "

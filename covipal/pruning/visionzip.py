@@ -25,7 +25,8 @@ row-newline tokens have no patch and rank last). ``generate`` may run the tower 
 the prefill; the scores of the last tower call are used, so beam search (which repeats
 the prompts) is not supported. **Unsupported:** ``llava_onevision`` (SigLIP tower: no
 [CLS]), ``qwen2_vl``/``qwen2_5_vl`` (no [CLS], and 2x2 patches are merged after the
-tower); they raise ``NotImplementedError``.
+tower): :meth:`VisionZipPruner.supports` gives the reason, and entering ``with pruner(model)``
+raises ``NotImplementedError`` with it.
 """
 
 from __future__ import annotations
@@ -61,16 +62,17 @@ def cls_attention(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 class VisionZipPruner(Pruner):
     """VisionZip's dominant tokens: top ``ceil(r n_v)`` vision tokens by the tower's [CLS] attention."""
 
-    def setup(self, model: nn.Module) -> None:
+    reads_vision_tower = True  # it hooks the tower's attention: it needs the pixels
+
+    def supports(self, model: nn.Module) -> str | None:
+        """None for a CLIP-tower family with one feature layer; else why VisionZip cannot run on ``model``."""
         family = model.config.model_type
         if family not in SUPPORTED:
-            raise NotImplementedError(
-                f"visionzip needs a vision tower with a [CLS] token; supported families: {list(SUPPORTED)}. "
-                f"{family!r} is not: llava_onevision's SigLIP tower has no [CLS], Qwen2-VL/Qwen2.5-VL towers have "
-                "none and merge 2x2 patches after the tower")
-        layer = model.config.vision_feature_layer
-        if not isinstance(layer, int):
-            raise NotImplementedError("visionzip supports one vision_feature_layer, not a list")
+            return (f"visionzip reads the [CLS] attention of a CLIP vision tower, which {family} does not have "
+                    f"(supported families: {', '.join(SUPPORTED)})")
+        if not isinstance(model.config.vision_feature_layer, int):
+            return "visionzip supports one vision_feature_layer, not a list"
+        return None
 
     def attach(self, model: nn.Module, run) -> list:
         from covipal.pruning.adapters import get_adapter

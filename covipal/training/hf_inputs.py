@@ -2,10 +2,11 @@
 
 The counterpart of :class:`covipal.training.data.ReferenceInputs` for a model named by
 ``model.source``: the same four methods, built with the model's own ``AutoProcessor``
-and, when it has one, its chat template (one user turn: the row's images, then its
-question; the generation prompt opens the answer). Rows are in the project's schema
-(``images``, ``question``, ``answer``); a row with several images (a video as frames)
-gets one image entry per frame.
+and, when it has one, its chat template (one user turn: the row's images, then the
+user text, ``prompt`` with the row's question in place of ``{question}`` (``model.prompt``);
+the generation prompt opens the answer). Rows are in the project's schema (``images``,
+``question``, ``answer``); a row with several images (a video as frames) gets one image
+entry per frame.
 """
 
 from __future__ import annotations
@@ -14,23 +15,37 @@ import torch
 
 
 class HFInputs:
-    """``prompt`` / ``train`` / ``answers`` / ``evaluation`` for a Hugging Face processor."""
+    """``prompt`` / ``train`` / ``answers`` / ``evaluation`` for a Hugging Face processor.
 
-    def __init__(self, processor):
+    Parameters
+    ----------
+    processor
+        The model's ``AutoProcessor``.
+    prompt : str
+        The user text, a ``str.format`` template with the row's question as ``{question}``
+        (e.g. ``"{question}\nAnswer the question using a single word or phrase."``).
+    """
+
+    def __init__(self, processor, prompt: str = "{question}"):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.prompt_template = prompt
+
+    def user_text(self, row: dict) -> str:
+        """The row's user text: the prompt template with its question filled in."""
+        return self.prompt_template.format(question=row["question"])
 
     def texts(self, rows: list[dict]) -> list[str]:
-        """Prompt text per row (chat template with generation prompt, or ``<image>``.. + question)."""
+        """Prompt text per row (chat template with generation prompt, or ``<image>``.. + user text)."""
         if getattr(self.processor, "chat_template", None):
             return [self.processor.apply_chat_template(
                 [{"role": "user", "content": [{"type": "image"} for _ in r["images"]]
-                  + [{"type": "text", "text": r["question"]}]}], add_generation_prompt=True) for r in rows]
+                  + [{"type": "text", "text": self.user_text(r)}]}], add_generation_prompt=True) for r in rows]
         image_token = getattr(self.processor, "image_token", None)
         if image_token is None:
             raise ValueError(f"{type(self.processor).__name__} has neither a chat template nor an image_token; "
                              "give the model's processor (AutoProcessor) with one of them")
-        return [image_token * len(r["images"]) + "\n" + r["question"] for r in rows]
+        return [image_token * len(r["images"]) + "\n" + self.user_text(r) for r in rows]
 
     @staticmethod
     def _images(rows: list[dict]) -> list:

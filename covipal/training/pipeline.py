@@ -11,13 +11,17 @@ data, covipal code and settings, hashed into a key) is resumed; a folder left by
 that finished, or by other inputs, is emptied first, since DVC only reruns a finished
 stage when something changed (or it is forced).
 
+Checks before damage: everything that can be checked before work (the guide layer against
+the base model's depth, read from its config; the stage-1 PPM's width against the base
+model's hidden size; vision tokens in the prompts of the first rows) is checked before
+:func:`resumable` empties a folder, so a failed check leaves the previous outputs in place.
+
 With several processes (:mod:`covipal.training.launch`) every rank trains on its own
 share of the data; rank 0 alone prepares the folders, exports the PPM and registers it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,30 +30,18 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-from covipal.config import Params
-from covipal.io import write_json
+from covipal.config import ConfigError, Params
+from covipal.io import content_hash, write_json
 from covipal.training.launch import ShardsForRank, barrier, gather, is_main, rank, world_size
 
 RESUME_FILE = "resume.json"
 STAGE1_METRICS = "metrics.json"  # stage-1 validation metrics, next to the stage-1 PPM
 SPLITS = ("train", "validation")
+CHECK_ROWS = 4  # first train rows whose prompts must hold vision tokens before a stage starts
 PACKAGE = Path(__file__).resolve().parents[1]
 
 
 # --- lineage and resume ----------------------------------------------------------------
-
-
-def content_hash(path: str | Path, pattern: str = "**/*") -> str:
-    """SHA-256 (first 16 hex digits) of the files under ``path`` matching ``pattern``: names and bytes."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.glob(pattern) if p.is_file())
-    for f in files:
-        digest.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def code_version() -> str:
@@ -122,18 +114,79 @@ def _device():
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def load_frozen_base(base_dir: Path):
+def load_frozen_base(base_dir: Path, prompt: str = "{question}"):
     """The frozen base LVLM on this process's device and the inputs maker of its rows:
     :class:`~covipal.training.data.ReferenceInputs` for the reference model,
-    :class:`~covipal.training.hf_inputs.HFInputs` (its own processor and chat template) for
-    a pretrained one."""
+    :class:`~covipal.training.hf_inputs.HFInputs` (its own processor and chat template, the
+    user text ``prompt``, i.e. ``model.prompt``) for a pretrained one."""
     from covipal.base_model import PRETRAINED_RECORD, load_base
     from covipal.training.data import ReferenceInputs
     from covipal.training.hf_inputs import HFInputs
 
     model, processor = load_base(base_dir)
-    inputs = HFInputs(processor) if (base_dir / PRETRAINED_RECORD).exists() else ReferenceInputs(processor)
+    pretrained = (base_dir / PRETRAINED_RECORD).exists()
+    inputs = HFInputs(processor, prompt) if pretrained else ReferenceInputs(processor)
     return model.to(_device()).requires_grad_(False).eval(), inputs
+
+
+# --- checks before work ------------------------------------------------------------------
+
+
+def base_config(base_dir: Path):
+    """The base model's ``transformers`` config, read without its weights: from the recorded
+    source of a pretrained model, from ``base_dir`` for the reference one."""
+    from transformers import AutoConfig
+
+    from covipal.base_model import PRETRAINED_RECORD
+
+    record = base_dir / PRETRAINED_RECORD
+    if record.exists():
+        info = json.loads(record.read_text())
+        return AutoConfig.from_pretrained(info["source"], revision=info["revision"])
+    if not (base_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{base_dir} holds no base model; run its stage first (dvc repro base)")
+    return AutoConfig.from_pretrained(base_dir)
+
+
+def check_guide_layer(params: Params, base_dir: Path) -> None:
+    """``targets.guide_layer`` against the depth of the base model's LLM (its config)."""
+    params.check_guide_layer(base_config(base_dir).get_text_config().num_hidden_layers)
+
+
+def check_ppm_width(ppm_dir: Path, base_dir: Path) -> None:
+    """The PPM in ``ppm_dir`` reads hidden states of the base model's width (its config)."""
+    from covipal.ppm import CONFIG_NAME
+
+    path = ppm_dir / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; run stage 1 first (dvc repro stage1)")
+    d_model = json.loads(path.read_text()).get("d_model")
+    hidden = base_config(base_dir).get_text_config().hidden_size
+    if d_model != hidden:
+        raise ConfigError(f"the stage-1 PPM in {ppm_dir} reads hidden states of width {d_model}, but the base model's "
+                          f"LLM has hidden size {hidden}: it was trained for another model.source; rerun the targets "
+                          "and stage1 stages for this model (dvc repro stage1)")
+
+
+def check_vision_tokens(model, inputs, rows: list[dict], split: str) -> None:
+    """Each of ``rows`` (of ``split``) gets a prompt holding the model's vision tokens."""
+    import torch
+
+    from covipal.pruning.adapters import get_adapter
+
+    ids = get_adapter(model).vision_token_ids(model.config)
+    prompt = inputs.prompt(rows)
+    found = torch.isin(prompt["input_ids"], torch.tensor(ids)).sum(1).tolist()
+    empty = [i for i, n in enumerate(found) if n == 0]
+    if empty:
+        raise ConfigError(f"the prompts of {split} rows {empty} hold none of the model's vision tokens (ids {ids}): "
+                          "the processor's chat template or model.prompt drops the image placeholder; give "
+                          "model.source a folder with the model's own processor and chat template, and keep "
+                          "model.prompt to text around {question}")
+
+
+def _first_rows(split, n: int = CHECK_ROWS) -> list[dict]:
+    return [split[i] for i in range(min(n, len(split)))]
 
 
 def _rows(split, n: int | None):
@@ -169,14 +222,16 @@ def make_targets(params: Params, data_dir: Path, base_dir: Path, out_dir: Path, 
 
     t0 = time.time()
     cfg = params.targets
+    check_guide_layer(params, base_dir)  # from the config: before the weights load
+    model, inputs = load_frozen_base(base_dir, params.model.prompt)
+    ds = load_from_disk(str(data_dir))
+    check_vision_tokens(model, inputs, _first_rows(ds["train"]), "train")
     if is_main():
         key = {"base": content_hash(base_dir), "data": content_hash(data_dir), "code": code_version(),
-               "targets": asdict(cfg)}
+               "targets": asdict(cfg), "prompt": params.model.prompt}
         if resumable(out_dir, key, log):
             log(f"resuming the target shards in {out_dir}")
     barrier()
-    model, inputs = load_frozen_base(base_dir)
-    ds = load_from_disk(str(data_dir))
     out = {}
     for split in SPLITS:  # with several processes each writes every world-th shard
         summary = write_target_shards(model, inputs.prompt, _rows(ds[split], getattr(cfg.rows, split)),
@@ -252,16 +307,19 @@ def run_stage2(params: Params, data_dir: Path, base_dir: Path, stage1_dir: Path,
     section = params.deepspeed_for("stage2")
     ds_cfg = section.build()
     world, data_version = world_size(), content_hash(data_dir)
+    check_ppm_width(stage1_dir, base_dir)  # from the configs: before the weights load
+    torch.manual_seed(ds_cfg.seed)
+    model, inputs = load_frozen_base(base_dir, params.model.prompt)
+    data = load_from_disk(str(data_dir))
+    check_vision_tokens(model, inputs, _first_rows(data["train"]), "train")
     if is_main():
         key = {"base": content_hash(base_dir), "data": data_version, "stage1": content_hash(stage1_dir),
                "code": code_version(), "world_size": world, "stage2": {**asdict(params.stage2), "epochs": None},
-               "reserve_ratio": params.pruning.reserve_ratio, "deepspeed": asdict(ds_cfg)}
+               "reserve_ratio": params.pruning.reserve_ratio, "deepspeed": asdict(ds_cfg),
+               "prompt": params.model.prompt}
         if resumable(checkpoint_dir, key, log):
             log(f"resuming stage 2 from {checkpoint_dir}")
     barrier()
-    torch.manual_seed(ds_cfg.seed)
-    model, inputs = load_frozen_base(base_dir)
-    data = load_from_disk(str(data_dir))
     train = _rows(data["train"], params.stage2.rows.train)
     if world > 1:  # this rank's rows; the same count on every rank
         train = train.select(range(rank(), len(train) // world * world, world))

@@ -1,22 +1,34 @@
-"""The digit world as a Hugging Face ``DatasetDict``, and loading a user's data set in its schema.
+"""The digit world as a Hugging Face ``DatasetDict``, and a user's data set brought into its schema.
 
-Schema (one row per question):
+Prepared schema (one row per question; the ``prepare`` stage writes it to ``data/world``):
 
 ========================  ==========================================================
 ``images``                list of RGB images: one for an image, ``frames`` for a video
 ``modality``              ``"image"`` or ``"video"``
 ``question``              the prompt, words separated by spaces
-``answer``                one word (a digit, a colour, ``yes``/``no``, a count)
-``question_type``         ``position``, ``colour``, ``presence``, ``count``, ``relation``
+``answer``                the training target: one string (a digit world answer is one word;
+                          with human answer lists, the most frequent of them)
+========================  ==========================================================
+
+Optional columns, present when the source has them (the digit world has all but ``answers``):
+
+========================  ==========================================================
+``answers``               the human answers, ``list[str]`` (VQAv2 style; evaluation scores
+                          against them, or against ``[answer]`` when absent)
+``question_type``         a label; the digit world's are ``position``, ``colour``,
+                          ``presence``, ``count``, ``relation``
 ``relevant``              ground-truth relevant cells as ``[frame, row, col]`` triples
 ``digits``                how many digits the scene holds (its difficulty)
 ``follow_ups``            more ``{question, answer, relevant, question_type}`` turns about the same
-                          scene (training rows only, ``train_turns - 1`` of them; empty elsewhere)
+                          scene (digit world training rows only, ``train_turns - 1`` of them)
 ========================  ==========================================================
 
 Cell ``(row, col)`` of a frame is the 8x8 patch at pixels ``[8 row : 8 row + 8, 8 col : 8 col + 8]``,
 i.e. vision token ``row * grid + col`` of that frame in a patch-8 vision tower.
 Validation and test scenes are drawn in handwriting (scans) that training never uses.
+
+A user's ``DatasetDict`` (train, validation and test splits) is read with ``data.columns``
+naming its column for each field (:func:`resolve_columns`); :func:`to_schema` converts it.
 """
 
 from __future__ import annotations
@@ -35,25 +47,56 @@ from covipal.world.render import render_frame
 from covipal.world.scenes import scan_pools
 
 SPLITS = ("train", "validation", "test")
-COLUMNS = ("images", "modality", "question", "answer", "question_type", "relevant", "digits")
-OPTIONAL_COLUMNS = ("follow_ups",)
+COLUMNS = ("images", "modality", "question", "answer")  # every prepared data set has them
+OPTIONAL_COLUMNS = ("answers", "question_type", "relevant", "digits", "follow_ups")
+WORLD_COLUMNS = ("images", "modality", "question", "answer", "question_type", "relevant", "digits", "follow_ups")
+# data.columns left null: the first of these names the data set has
+COLUMN_GUESSES = {
+    "images": ("images", "image", "frames", "video"),
+    "question": ("question", "query"),
+    "answer": ("answers", "answer", "multiple_choice_answer"),
+    "modality": ("modality",),
+    "question_type": ("question_type",),
+    "relevant": ("relevant",),
+    "digits": ("digits",),
+}
+REQUIRED_FIELDS = ("images", "question", "answer")
+_HOLDS = {"images": "the pictures (an image, a list of images or a video's frames)", "question": "the questions",
+          "answer": "the answers (a string, a list of strings or VQAv2 {'answer': ...} records)"}
 _SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 
 
-def features():
-    from datasets import Features, Image, List, Value
+def _feature(name: str):
+    from datasets import Image, List, Value
 
-    return Features({
+    cells = List(List(Value("int32")))
+    return {
         "images": List(Image()),
         "modality": Value("string"),
         "question": Value("string"),
         "answer": Value("string"),
+        "answers": List(Value("string")),
         "question_type": Value("string"),
-        "relevant": List(List(Value("int32"))),
+        "relevant": cells,
         "digits": Value("int32"),
-        "follow_ups": List({"question": Value("string"), "answer": Value("string"),
-                            "relevant": List(List(Value("int32"))), "question_type": Value("string")}),
-    })
+        "follow_ups": List({"question": Value("string"), "answer": Value("string"), "relevant": cells,
+                            "question_type": Value("string")}),
+    }[name]
+
+
+def prepared_features(names):
+    """``Features`` of the prepared columns ``names``, in schema order."""
+    from datasets import Features
+
+    order = COLUMNS + OPTIONAL_COLUMNS
+    return Features({n: _feature(n) for n in sorted(names, key=order.index)})
+
+
+def features():
+    """The digit world's ``Features``."""
+    from datasets import Features
+
+    return Features({n: _feature(n) for n in WORLD_COLUMNS})
 
 
 def make_sample(cfg: DataConfig, split: str, index: int, pools=None) -> dict:
@@ -135,49 +178,283 @@ def _png(pixels: np.ndarray) -> dict:
     return {"bytes": buf.getvalue(), "path": None}
 
 
-def load_source(cfg: DataConfig, root: Path | None = None):
-    """The data set ``cfg.source`` names: the embedded world, a saved folder or a hub id."""
+def load_source(cfg: DataConfig, root: Path | None = None, log=print, cache_dir: Path | None = None):
+    """The data set ``cfg.source`` names in the prepared schema: the embedded world, or a saved
+    folder or hub id converted by :func:`to_schema` (its Arrow files written to ``cache_dir``,
+    in memory when None)."""
     if cfg.source == "digit-world":
         return build_world(cfg)
-    from datasets import load_dataset, load_from_disk
+    return to_schema(read_source(cfg.source, root), cfg.columns, log, cache_dir)
 
-    path = Path(cfg.source)
+
+def read_source(source: str, root: Path | None = None):
+    """The ``DatasetDict`` of a folder written by ``save_to_disk`` (relative to ``root``) or a hub id,
+    with its train, validation and test splits checked (present, readable, not empty)."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    path = Path(source)
     if root is not None and not path.is_absolute():
         path = root / path
-    ds = load_from_disk(str(path)) if path.exists() else load_dataset(cfg.source)
-    check_schema(ds)
+    if path.exists():
+        _check_saved_splits(path)
+        try:
+            ds = load_from_disk(str(path))
+        except Exception as err:  # datasets reports a damaged folder in many ways
+            raise ConfigError(f"data.source: {path} could not be read ({type(err).__name__}: {err}); write it "
+                              "again with DatasetDict.save_to_disk") from err
+    else:
+        ds = load_dataset(source)
+    if not isinstance(ds, DatasetDict):
+        raise ConfigError(f"data.source: {source!r} holds one {type(ds).__name__}, not a DatasetDict; save "
+                          "DatasetDict(train=..., validation=..., test=...) with save_to_disk")
+    check_splits(ds)
     return ds
 
 
-def check_schema(ds) -> None:
-    """Refuse a data set that lacks a split or a column of the schema, naming what is missing."""
-    missing_splits = [s for s in SPLITS if s not in ds]
-    if missing_splits:
-        raise ConfigError(f"data.source lacks split(s) {missing_splits}; it needs {list(SPLITS)}")
+_SPLIT_FIX = ("every split needs rows: give it some (e.g. split one with Dataset.train_test_split) and save the "
+              "DatasetDict again with save_to_disk")
+
+
+def _check_saved_splits(path: Path) -> None:
+    """Name a missing, unreadable or empty split of a saved folder before ``datasets`` reads it
+    (an empty split fails there with an IndexError)."""
+    import json
+
+    if not (path / "dataset_dict.json").is_file():
+        what = "one Dataset" if (path / "state.json").is_file() else "no dataset_dict.json"
+        raise ConfigError(f"data.source: {path} holds {what}, not a DatasetDict; save DatasetDict(train=..., "
+                          "validation=..., test=...) with save_to_disk")
+    try:
+        present = json.loads((path / "dataset_dict.json").read_text())["splits"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"data.source: {path / 'dataset_dict.json'} is unreadable ({err}); write the data set "
+                          "again with DatasetDict.save_to_disk") from None
+    _check_split_names(present)
     for split in SPLITS:
-        missing = [c for c in COLUMNS if c not in ds[split].column_names]
-        if missing:
-            raise ConfigError(f"data.source split {split!r} lacks column(s) {missing}; "
-                              f"see the schema in covipal/world/dataset.py")
+        try:
+            files = json.loads((path / split / "state.json").read_text())["_data_files"]
+        except (OSError, ValueError, KeyError) as err:
+            raise ConfigError(f"data.source split {split!r} is unreadable ({path / split}: {err}); write the data "
+                              "set again with DatasetDict.save_to_disk") from None
+        if not files:
+            raise ConfigError(f"data.source split {split!r} is empty (0 rows); {_SPLIT_FIX}")
+
+
+def _check_split_names(present) -> None:
+    missing = [s for s in SPLITS if s not in present]
+    if missing:
+        raise ConfigError(f"data.source lacks split(s) {missing} (it has {list(present)}); it needs {list(SPLITS)}: "
+                          "rename a split, e.g. DatasetDict(validation=ds['val'], ...), or carve one out of train "
+                          "with Dataset.train_test_split, then save_to_disk")
+
+
+def check_splits(ds) -> None:
+    """Refuse a ``DatasetDict`` that lacks a split or has an empty one, naming the split."""
+    _check_split_names(list(ds))
+    for split in SPLITS:
+        if len(ds[split]) == 0:
+            raise ConfigError(f"data.source split {split!r} is empty (0 rows); {_SPLIT_FIX}")
+
+
+def resolve_columns(columns, names: list[str]) -> dict[str, str]:
+    """``{field: column}`` for each field of ``columns`` (a :class:`covipal.config.ColumnMap`) that the
+    data set with columns ``names`` has: the column named in ``data.columns``, or else the first of
+    :data:`COLUMN_GUESSES` present. A named column that is absent, or a required field found
+    nowhere, is a :class:`ConfigError` listing the data set's columns and the key to set."""
+    given = {f: getattr(columns, f) for f in COLUMN_GUESSES if getattr(columns, f) is not None}
+    for field, column in given.items():
+        if column not in names:
+            raise ConfigError(f"data.columns.{field}: {column!r} is not a column of data.source; its columns are "
+                              f"{names}; set data.columns.{field} to the one holding its {field}")
+    found = {}
+    for field, guesses in COLUMN_GUESSES.items():
+        hit = given.get(field) or next((g for g in guesses if g in names and g not in given.values()
+                                        and g not in found.values()), None)
+        if hit is not None:
+            found[field] = hit
+        elif field in REQUIRED_FIELDS:
+            raise ConfigError(f"data.source has no {field} column (looked for {list(guesses)}); its columns are "
+                              f"{names}; set data.columns.{field} to the one holding {_HOLDS[field]}")
+    return found
+
+
+def describe_columns(found: dict[str, str]) -> str:
+    """One line saying which column feeds each field, for the ``prepare`` log."""
+    parts = [f"{field} <- {column!r}" for field, column in found.items()]
+    if "modality" not in found:
+        parts.append("modality from the number of pictures (1: image, more: video)")
+    absent = [f for f in COLUMN_GUESSES if f not in found and f != "modality"]
+    return "data.columns: " + ", ".join(parts) + (f"; not in the data set: {', '.join(absent)}" if absent else "")
+
+
+def to_schema(ds, columns, log=print, cache_dir: Path | None = None):
+    """A user's ``DatasetDict`` in the prepared schema (module docstring), columns found by
+    :func:`resolve_columns` on the train split; other columns are dropped.
+
+    Images are copied as their encoded bytes (never decoded); a list of answers gives
+    ``answer`` (the most frequent, the first listed among equals) and ``answers``; without a
+    modality column, one picture is an image and more are a video.
+    """
+    from datasets import DatasetDict
+
+    check_splits(ds)
+    found = resolve_columns(columns, ds["train"].column_names)
+    log(describe_columns(found))
+    out = {}
+    for split in SPLITS:
+        absent = [c for c in found.values() if c not in ds[split].column_names]
+        if absent:
+            raise ConfigError(f"data.source split {split!r} lacks column(s) {absent} that train has (its columns: "
+                              f"{ds[split].column_names}); give every split the same columns")
+        out[split] = _convert_split(ds[split], split, found, cache_dir)
+    return DatasetDict(out)
+
+
+def _convert_split(split_ds, split: str, found: dict[str, str], cache_dir: Path | None):
+    from datasets import ClassLabel, Image, Value
+
+    image_feature = split_ds.features[found["images"]]
+    if not isinstance(image_feature, Image) and not isinstance(getattr(image_feature, "feature", None), Image):
+        raise ConfigError(f"data.columns.images: column {found['images']!r} holds {image_feature}, not images; "
+                          "give a column of datasets.Image or a list of them (a video as its frames)")
+    answer_feature = split_ds.features[found["answer"]]
+    labels = answer_feature if isinstance(answer_feature, ClassLabel) else None
+    keep_answers = not isinstance(answer_feature, (Value, ClassLabel))  # lists of human answers
+    follow_ups = "follow_ups" in split_ds.column_names and "follow_ups" not in found.values()  # a saved digit world
+    names = set(found) | {"modality"} | ({"answers"} if keep_answers else set()) | (
+        {"follow_ups"} if follow_ups else set())
+    part = split_ds.select_columns(list(found.values()) + (["follow_ups"] if follow_ups else []))
+    convert = _RowConverter(split, found, keep_answers, follow_ups, labels)
+    kwargs = ({"keep_in_memory": True} if cache_dir is None
+              else {"cache_file_name": str(Path(cache_dir) / f"{split}.arrow")})
+    out = part.with_format("arrow").map(convert, batched=True, with_indices=True, remove_columns=part.column_names,
+                                        features=prepared_features(names), desc=f"prepare {split}", **kwargs)
+    return out.with_format(None)
+
+
+class _RowConverter:
+    """Arrow batches of a user's split to rows of the prepared schema (for ``Dataset.map``)."""
+
+    def __init__(self, split: str, found: dict[str, str], keep_answers: bool, follow_ups: bool, labels=None):
+        self.split, self.found, self.labels = split, found, labels
+        self.keep_answers, self.follow_ups = keep_answers, follow_ups
+
+    def __call__(self, batch, indices: list[int]) -> dict[str, list]:
+        rows = batch.to_pylist()
+        out = {}
+        for i, row in zip(indices, rows):
+            for key, value in self.row(row, f"data.source split {self.split!r} row {i}").items():
+                out.setdefault(key, []).append(value)
+        return out
+
+    def row(self, row: dict, where: str) -> dict:
+        col = self.found
+        images = [_embedded(im, where) for im in _as_list(row[col["images"]])]
+        if not images:
+            raise ConfigError(f"{where} has no picture in column {col['images']!r}; every row needs at least one")
+        question = row[col["question"]]
+        if not isinstance(question, str):
+            raise ConfigError(f"{where}: question {question!r} in column {col['question']!r} is not a string; "
+                              "set data.columns.question to the column of questions")
+        answers = _answers(row[col["answer"]], where, col["answer"], self.labels)
+        out = {"images": images, "question": question, "answer": most_frequent(answers),
+               "modality": self._modality(row, len(images), where)}
+        if self.keep_answers:
+            out["answers"] = answers
+        if "question_type" in col:
+            out["question_type"] = str(row[col["question_type"]])
+        if "relevant" in col:
+            out["relevant"] = _cells(row[col["relevant"]], where, col["relevant"])
+        if "digits" in col:
+            out["digits"] = int(row[col["digits"]])
+        if self.follow_ups:
+            out["follow_ups"] = row["follow_ups"] or []
+        return out
+
+    def _modality(self, row: dict, pictures: int, where: str) -> str:
+        if "modality" not in self.found:
+            return "image" if pictures == 1 else "video"
+        value = row[self.found["modality"]]
+        if value not in ("image", "video"):
+            raise ConfigError(f"{where}: modality {value!r} in column {self.found['modality']!r} is neither 'image' "
+                              "nor 'video'; fix the column or leave data.columns.modality null to infer it")
+        return value
+
+
+def _as_list(value) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+def _embedded(image, where: str) -> dict:
+    """An encoded image ``{bytes, path}`` with its bytes read in, so the prepared data stands alone."""
+    if not isinstance(image, dict) or (image.get("bytes") is None and not image.get("path")):
+        raise ConfigError(f"{where}: {image!r} is not an image")
+    if image.get("bytes") is None:
+        try:
+            return {"bytes": Path(image["path"]).read_bytes(), "path": None}
+        except OSError as err:
+            raise ConfigError(f"{where}: image file {image['path']!r} cannot be read ({err}); store the images "
+                              "in the data set (datasets.Image) before save_to_disk") from None
+    return {"bytes": image["bytes"], "path": None}
+
+
+def _answers(value, where: str, column: str, labels=None) -> list[str]:
+    """A row's answers as strings: one string, a list of strings, VQAv2 records ``{"answer": ...}``
+    (a list of them, or ``datasets``' dict of lists), or a class label."""
+    if labels is not None and isinstance(value, int):
+        return [labels.int2str(value)]
+    if isinstance(value, dict) and "answer" in value:
+        value = value["answer"]
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        value = [v["answer"] if isinstance(v, dict) and "answer" in v else v for v in value]
+        if value and all(isinstance(v, str) for v in value):
+            return value
+    raise ConfigError(f"{where}: answer {value!r} in column {column!r} is neither a string, a non-empty list of "
+                      "strings nor VQAv2 {'answer': ...} records; set data.columns.answer to the column of answers")
+
+
+def most_frequent(answers: list[str]) -> str:
+    """The answer given most often; among equals the first listed."""
+    from collections import Counter
+
+    return Counter(answers).most_common(1)[0][0]
+
+
+def _cells(value, where: str, column: str) -> list[list[int]]:
+    cells = value or []
+    if not all(isinstance(c, (list, tuple)) and len(c) == 3 and all(isinstance(x, int) for x in c) for c in cells):
+        raise ConfigError(f"{where}: relevant {value!r} in column {column!r} is not a list of [frame, row, col] "
+                          "integer triples; fix the column or leave data.columns.relevant null")
+    return [list(c) for c in cells]
 
 
 def summarize(ds) -> dict:
-    """Row counts per split, modality and question type (the ``prepare`` stage's metrics)."""
+    """Row counts per split, per modality and, when the data set has question types, per type
+    (the ``prepare`` stage's metrics): keys ``rows``, ``<modality>`` or ``<modality>_<type>``."""
     out = {}
     for split in SPLITS:
-        rows = ds[split].select_columns(["modality", "question_type"]).to_list()
+        typed = "question_type" in ds[split].column_names
+        rows = ds[split].select_columns(["modality"] + (["question_type"] if typed else [])).to_list()
         out[split] = {"rows": len(rows)}
         for r in rows:
-            key = f"{r['modality']}_{r['question_type']}"
+            key = f"{r['modality']}_{r['question_type']}" if typed else r["modality"]
             out[split][key] = out[split].get(key, 0) + 1
     return out
 
 
-def prepare(cfg: DataConfig, out: Path, root: Path | None = None) -> dict:
-    """Write the data set ``cfg.source`` names to ``out`` atomically; return :func:`summarize`."""
+def prepare(cfg: DataConfig, out: Path, root: Path | None = None, log=print) -> dict:
+    """Write the data set ``cfg.source`` names to ``out`` in the prepared schema, atomically
+    (a source that fails its checks leaves ``out`` as it was); return :func:`summarize`."""
+    import tempfile
+
     from covipal.io import atomic_output
 
-    ds = load_source(cfg, root)
-    with atomic_output(out) as tmp:
-        ds.save_to_disk(str(tmp))
-    return summarize(ds)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.convert-", dir=out.parent) as cache:
+        ds = load_source(cfg, root, log, cache_dir=Path(cache))
+        with atomic_output(out) as tmp:
+            ds.save_to_disk(str(tmp))
+        return summarize(ds)
