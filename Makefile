@@ -28,8 +28,10 @@ run: venv
 	$(BIN)/python pipelines/flow.py
 	$(BIN)/dvc metrics show
 
+# Two workers, each test file on one worker (module fixtures stay shared): the servers' waits in the
+# operations test overlap with the rest of the suite.
 test: venv lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 # The Dockerfile linter (hadolint, installed from PyPI by the dev extra).
 lint: venv

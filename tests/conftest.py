@@ -1,6 +1,23 @@
 """Shared fixtures of the training tests."""
 
+import os
+
 import pytest
+
+# Set in this process by in-process DeepSpeed tests (covipal.training.ds.single_process_env), whose gloo
+# group keeps its port: a pipeline started afterwards as a subprocess must not inherit them.
+DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _distributed_env_stays_in_its_test():
+    before = {k: os.environ.get(k) for k in DISTRIBUTED_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
