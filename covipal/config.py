@@ -92,6 +92,9 @@ class DataConfig:
 
     source: str = "digit-world"
     columns: ColumnMap = Field(default_factory=ColumnMap)
+    # the `relevant` cells of a data set's rows lie on a cell_grid x cell_grid grid over each picture
+    # (the digit world's grids are image.grid and video.grid); null: relevant cells are not mapped
+    cell_grid: int | None = Field(None, ge=1)
     seed: int = 0
     video_share: float = Field(0.4, ge=0.0, le=1.0)  # fraction of samples that are videos
     train_turns: int = Field(8, ge=1)  # questions per training scene (a multi-turn conversation)

@@ -95,7 +95,8 @@ def unsupported(model, make_pruner: Callable[[str, float], object], methods: lis
 @torch.no_grad()
 def evaluate_methods(model, inputs, rows: list[dict], make_pruner: Callable[[str, float], object],
                      methods: list[str], ratios: list[float], batch_size: int, progress: bool = True,
-                     scoring: str = FIRST_TOKEN, max_new_tokens: int = 16) -> dict[tuple[str, float], Results]:
+                     scoring: str = FIRST_TOKEN, max_new_tokens: int = 16,
+                     cell_grid: Callable[[dict], int | None] = lambda row: None) -> dict[tuple[str, float], Results]:
     """Outcomes of every ``(method, ratio)`` on ``rows``.
 
     Parameters
@@ -114,6 +115,9 @@ def evaluate_methods(model, inputs, rows: list[dict], make_pruner: Callable[[str
         What to evaluate; ``ratio == 1`` reuses the unpruned pass.
     scoring : {"first_token", "generate"}
         How an answer is scored (module docstring); ``max_new_tokens`` bounds a generated one.
+    cell_grid : callable
+        ``row -> G``, the grid its ``relevant`` cells lie on (None: unknown), for a pretrained
+        model (:func:`covipal.evaluation.cells.cell_mapper`).
     """
     from covipal.pruning import get_adapter
 
@@ -126,8 +130,8 @@ def evaluate_methods(model, inputs, rows: list[dict], make_pruner: Callable[[str
     device = next(model.parameters()).device
     answer = _Answerer(model, getattr(inputs.processor, "tokenizer", inputs.processor), scoring, max_new_tokens)
     vision_ids = torch.tensor(get_adapter(model).vision_token_ids(model.config), device=device)
-    cells = cell_mapper(inputs.processor, rows)
-    relevant = [cells(r) if cells else [] for r in rows]
+    cells = cell_mapper(model, inputs.processor, rows, cell_grid)
+    relevant: list[list[int]] = [[] for _ in rows]
     n = len(rows)
     out = {(m, r): Results.empty(n) for m in methods for r in ratios}
     plan = batches(rows, batch_size)
@@ -137,6 +141,9 @@ def evaluate_methods(model, inputs, rows: list[dict], make_pruner: Callable[[str
     for idx in plan:
         chunk = [rows[i] for i in idx]
         prompt = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.prompt(chunk).items()}
+        if cells is not None:
+            for i, tokens in zip(idx, cells(chunk, prompt)):
+                relevant[i] = tokens
         encoded = precompute_tower(model, prompt) if scoring == FIRST_TOKEN else None
         target = inputs.answers(chunk).to(device) if scoring == FIRST_TOKEN else [row_references(r) for r in chunk]
         n_vision = torch.isin(prompt["input_ids"], vision_ids).sum(dim=1).cpu().numpy()

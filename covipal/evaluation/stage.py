@@ -68,6 +68,16 @@ def resolve_scoring(scoring: str, pretrained: bool) -> str:
     return "generate" if pretrained else "first_token"
 
 
+def cell_grids(data) -> Callable[[dict], int | None]:
+    """``row -> G``: the grid a row's ``relevant`` cells lie on: ``data.cell_grid`` when set, else
+    the digit world's ``image.grid`` / ``video.grid`` by modality when the data are the digit world."""
+    if data.cell_grid is not None:
+        return lambda row: data.cell_grid
+    if data.source == "digit-world":
+        return lambda row: data.video.grid if row["modality"] == "video" else data.image.grid
+    return lambda row: None
+
+
 def run_evaluate(params: Params, data_dir: Path, base_dir: Path, ppm_dir: Path, root: Path | None = None,
                  log=print) -> dict:
     """Evaluate on the test split; returns the outcomes and their summaries.
@@ -111,12 +121,13 @@ def run_evaluate(params: Params, data_dir: Path, base_dir: Path, ppm_dir: Path, 
     ratios = sorted(set(cfg.ratios) | {FULL}, reverse=True)
     rows = list(_rows(load_from_disk(str(data_dir))["test"], cfg.rows))  # decoded rows (PIL images)
     notes = [f"Not run on this model: {', '.join(skipped)} (reasons below)."] if skipped else []
-    if any(r.get("relevant") for r in rows) and cell_mapper(inputs.processor, rows) is None:
+    grid = cell_grids(params.data)
+    if any(r.get("relevant") for r in rows) and cell_mapper(model, inputs.processor, rows, grid) is None:
         notes.append(NOT_MAPPED[0].upper() + NOT_MAPPED[1:] + ".")
     log(f"evaluating {len(methods)} methods at ratios {ratios} on {len(rows)} test rows ({scoring} scoring)")
     torch.manual_seed(cfg.seed)
     results = evaluate_methods(model, inputs, rows, make, methods, ratios, cfg.batch_size, scoring=scoring,
-                               max_new_tokens=cfg.max_new_tokens)
+                               max_new_tokens=cfg.max_new_tokens, cell_grid=grid)
     records = table(results, rows, cfg.n_bootstrap, cfg.confidence, cfg.seed, scoring)
     method_of = {name: cfg.variants.get(name, {}).get("method", name) for name in methods}
     baselines = [name for name in methods if method_of[name] not in ("covipal", "oracle")]

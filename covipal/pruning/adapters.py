@@ -49,6 +49,26 @@ class Adapter:
     token_attrs: tuple[str, ...]
     positions: Literal["rope", "mrope"]
     language_model: str = "language_model"
+    layout: Literal["square", "thw"] | None = None
+
+    def picture_grids(self, config, prompt: dict, first: int, count: int) -> list[tuple[int, int]] | None:
+        """``(rows, cols)`` of the vision-token grid of images ``first .. first + count - 1`` of the
+        batch ``prompt`` (images numbered over the batch in order), when each image's tokens are one
+        row-major grid; else None.
+
+        ``"square"`` (LLaVA-1.5): every image is ``image_size / patch_size`` patches a side, one
+        token each. ``"thw"`` (Qwen2-VL, Qwen2.5-VL): image ``i`` is ``image_grid_thw[i] = (1, h, w)``
+        patches, merged ``spatial_merge_size`` a side into ``(h / m, w / m)`` tokens. Families that
+        tile an image or add separator tokens (LLaVA-NeXT, LLaVA-OneVision) have no such grid: None.
+        """
+        if self.layout == "square" and getattr(config, "vision_feature_select_strategy", "default") == "default":
+            side = config.vision_config.image_size // config.vision_config.patch_size
+            return [(side, side)] * count
+        grid = prompt.get("image_grid_thw")
+        if self.layout == "thw" and grid is not None:
+            m = config.vision_config.spatial_merge_size
+            return [(int(h) // m, int(w) // m) for _, h, w in grid[first:first + count].tolist()]
+        return None
 
     def vision_token_ids(self, config) -> list[int]:
         """Ids of the placeholder tokens that the vision features replace."""
@@ -67,11 +87,11 @@ class Adapter:
 
 
 ADAPTERS: dict[str, Adapter] = {
-    "llava": Adapter(token_attrs=("image_token_id",), positions="rope"),
+    "llava": Adapter(token_attrs=("image_token_id",), positions="rope", layout="square"),
     "llava_next": Adapter(token_attrs=("image_token_id",), positions="rope"),
     "llava_onevision": Adapter(token_attrs=("image_token_id", "video_token_id"), positions="rope"),
-    "qwen2_vl": Adapter(token_attrs=("image_token_id", "video_token_id"), positions="mrope"),
-    "qwen2_5_vl": Adapter(token_attrs=("image_token_id", "video_token_id"), positions="mrope"),
+    "qwen2_vl": Adapter(token_attrs=("image_token_id", "video_token_id"), positions="mrope", layout="thw"),
+    "qwen2_5_vl": Adapter(token_attrs=("image_token_id", "video_token_id"), positions="mrope", layout="thw"),
 }
 
 
