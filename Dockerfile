@@ -1,8 +1,10 @@
-# covipal on a GPU host: the pipeline flow as the entry point (docs/operations.md).
-#   docker build -t covipal .
-#   docker run --gpus all -v "$PWD:/work" covipal            # whole pipeline once (dvc repro via Prefect)
-#   docker run --gpus all -v "$PWD:/work" -e PREFECT_API_URL=http://prefect:4200/api \
-#       -e MLFLOW_TRACKING_URI=http://mlflow:5000 covipal serve   # the scheduled deployment
+# covipal on a GPU host: the project (code, pipeline, params, dvc.yaml and dvc.lock, git history) in
+# /work and its environment in /opt/venv; a Prefect Docker work pool runs its flow runs in it
+# (docs/operations.md, section 6). Built and run where Docker exists:
+#   docker build -t covipal:latest .
+#   docker run --gpus all covipal:latest                      # the whole pipeline once (CMD)
+#   prefect work-pool create covipal --type docker --base-job-template docker/work-pool.json
+# The worker replaces CMD with its own command (`prefect flow-run execute`), so there is no ENTRYPOINT.
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
@@ -16,7 +18,8 @@ RUN apt-get update \
 # The ubuntu24.04 images ship a user `ubuntu` with UID 1000: it makes way for covipal's
 RUN (userdel --remove ubuntu 2>/dev/null || true) \
  && useradd --create-home --uid 1000 covipal
-WORKDIR /opt/covipal
+WORKDIR /work
+# The environment first (a layer that changes only with pyproject.toml and the constraints)
 COPY --chown=1000:1000 pyproject.toml ./
 COPY --chown=1000:1000 docker/constraints.txt docker/
 COPY --chown=1000:1000 covipal ./covipal
@@ -26,10 +29,11 @@ COPY --chown=1000:1000 covipal ./covipal
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir -c docker/constraints.txt torch==2.13.0 torchvision==0.28.0 . \
  && /opt/venv/bin/python -c "import torchvision.ops"
-# The project folder (git + DVC workspace) is mounted at /work; its covipal package comes first.
-ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/work PREFECT_HOME=/work/.prefect
+# Then the project itself (.dockerignore keeps out the venv, DVC outputs and caches, local databases)
+COPY --chown=1000:1000 . /work
+ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/work PREFECT_HOME=/work/.prefect COVIPAL_PROJECT=/work
 
 USER 1000:1000
-WORKDIR /work
-ENTRYPOINT ["python", "pipelines/flow.py"]
-CMD ["run"]
+# a project mounted over /work by another user is still a git repository to this one
+RUN git config --global --add safe.directory /work
+CMD ["python", "pipelines/flow.py", "run"]

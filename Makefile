@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	@# DeepSpeed compiles its CPU shared-memory comm op on first use (about 40 s); do it at setup,
 	@# as DeepSpeed's pre-built ops would, so the first training stage does not pay for it. With the
-	@# venv's ninja, as covipal.training.ds.interpreter_tools_first makes every training process use.
+	@# venv's ninja, as covipal.training.launch.interpreter_tools_first makes every training process use.
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()" \
 		|| echo "note: DeepSpeed's shm comm op did not build now; DeepSpeed will try again when it starts"
 	touch $@

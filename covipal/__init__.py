@@ -1,12 +1,20 @@
 """covipal: learned visual-token pruning (CoViPAL) for vision-language models, and its pipeline.
 
 ``covipal.load_ppm("models:/covipal-ppm@champion")`` returns a ready-to-use pruner of the
-registered PPM (:func:`covipal.registry.load_ppm`); mlflow is imported only then.
+registered PPM (:func:`covipal.registry.load_ppm`). The top-level names in :data:`API` are
+resolved on first use, so ``import covipal`` imports nothing else (mlflow, torch) until one is.
 """
 
+from importlib import import_module
 
-def load_ppm(model_uri: str = "models:/covipal-ppm@champion", **kwargs):
-    """A ready-to-use CoViPAL pruner for a registered PPM; see :func:`covipal.registry.load_ppm`."""
-    from covipal.registry import load_ppm as _load
+API = {"load_ppm": "covipal.registry"}  # top-level name -> the module that defines it
 
-    return _load(model_uri, **kwargs)
+
+def __getattr__(name: str):
+    if name in API:
+        return getattr(import_module(API[name]), name)
+    raise AttributeError(f"module 'covipal' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *API])

@@ -1,9 +1,11 @@
 """The ``base`` stage: the LVLM every later stage prunes.
 
 ``model.source: reference`` trains the reference LVLM on the prepared data; any other
-source names a pretrained Hugging Face LVLM, recorded and not trained: a hub id with its
-requested revision, a local checkpoint folder with a content hash of its files (so a
-checkpoint swapped inside the same folder changes the recorded lineage).
+source names a pretrained Hugging Face LVLM, recorded and not trained: a hub id at the
+commit its requested revision resolved to (:mod:`covipal.sources`; every later stage loads
+that commit, so a branch moving upstream reaches them only through a new record), a local
+checkpoint folder with a content hash of its files (so a checkpoint swapped inside the same
+folder changes the recorded lineage).
 :func:`load_base` gives back ``(model, processor)`` either way; :func:`load_processor`
 loads a pretrained model's processor, also on an install without torchvision.
 """
@@ -16,15 +18,19 @@ import time
 from pathlib import Path
 
 from covipal.config import ConfigError, Params
-from covipal.io import atomic_output, content_hash
+from covipal.io import atomic_output
 
 PRETRAINED_RECORD = "pretrained.json"
 
 
-def build_base(params: Params, data_dir: Path, out: Path, log=print) -> dict:
-    """Produce ``out`` (a saved model folder, or a record of the pretrained one); return metrics."""
+def build_base(params: Params, data_dir: Path, out: Path, log=print, resolved: dict | None = None) -> dict:
+    """Produce ``out`` (a saved model folder, or a record of the pretrained one); return metrics.
+
+    ``resolved``: the ``sources`` stage's record of ``model.source`` (``sources/model.json``), so
+    the model recorded is the version that stage resolved; None resolves it now.
+    """
     if params.model.source != "reference":
-        record = pretrained_record(params.model.source, params.model.revision)
+        record = pretrained_record(params.model.source, params.model.revision, resolved)
         with atomic_output(out) as tmp:
             tmp.mkdir()
             (tmp / PRETRAINED_RECORD).write_text(json.dumps(record, indent=2))
@@ -33,21 +39,21 @@ def build_base(params: Params, data_dir: Path, out: Path, log=print) -> dict:
     return _train_reference(params, data_dir, out, log)
 
 
-def pretrained_record(source: str, revision: str) -> dict:
+def pretrained_record(source: str, revision: str, resolved: dict | None = None) -> dict:
     """What the ``base`` stage records of a pretrained model: ``source`` and ``revision`` (its lineage).
 
-    For a local folder ``revision`` is ``sha256:<16 hex>`` of the folder's files (hidden
-    bookkeeping such as ``.cache`` left out), ``requested_revision`` keeps ``model.revision``
-    and ``local`` is true; a hub id keeps the requested revision.
+    ``revision`` is the version :func:`covipal.sources.resolve_model` gives (or ``resolved``
+    holds, when it is the record of this source and revision): for a hub id the commit the
+    requested revision points at, for a local folder ``sha256:<16 hex>`` of its files (hidden
+    bookkeeping such as ``.cache`` left out), with ``local`` true. ``requested_revision``
+    keeps ``model.revision``.
     """
-    folder = Path(source)
-    if not folder.is_dir():
-        return {"source": source, "revision": revision}
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"model.source {source!r} is a folder without config.json, not a saved checkpoint: "
-                         "point it at the folder save_pretrained (or `hf download --local-dir`) wrote")
-    return {"source": source, "revision": "sha256:" + content_hash(folder, skip_hidden=True),
-            "requested_revision": revision, "local": True}
+    from covipal.sources import resolve_model
+
+    same = resolved is not None and (resolved.get("source"), resolved.get("requested_revision")) == (source, revision)
+    info = resolved if same else resolve_model(source, revision)
+    record = {"source": source, "revision": info["version"], "requested_revision": revision}
+    return {**record, "local": True} if info["kind"] == "folder" else record
 
 
 def _train_reference(params: Params, data_dir: Path, out: Path, log) -> dict:

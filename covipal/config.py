@@ -240,8 +240,9 @@ class TargetsConfig:
     rows: SplitRows = Field(default_factory=SplitRows)
 
 
-# --- PPM training: each section builds the library's dataclass (``build``), so the library's
-# defaults and checks stay the reference; tests/test_config.py fails if the fields drift apart.
+# --- PPM training: covipal.training.pipeline builds the library's dataclasses from these sections
+# (``deepspeed_config``, ``stage1_config``, ``stage2_config``, ``ppm_config``), so the library's
+# defaults and checks stay the reference; tests/test_training_pipeline.py fails if the fields drift apart.
 
 
 @dataclass(config=STRICT)
@@ -269,14 +270,6 @@ class DeepSpeedSection:
             raise ValueError(f"betas {list(self.betas)} must each be in [0, 1)")
         return self
 
-    def build(self):
-        """The library's ``DeepSpeedConfig`` (without ``processes``/``hostfile``, which pick the launcher)."""
-        from dataclasses import asdict
-
-        from covipal.training.ds import DeepSpeedConfig
-
-        values = asdict(self)
-        return DeepSpeedConfig(**{k: v for k, v in values.items() if k not in LAUNCH_KEYS})
 
 
 LAUNCH_KEYS = ("processes", "hostfile")
@@ -298,12 +291,6 @@ class PPMShape:
             raise ValueError(f"n_heads ({self.n_heads}) must divide d_ppm ({self.d_ppm})")
         return self
 
-    def build(self, d_model: int):
-        from dataclasses import asdict
-
-        from covipal.ppm import PPMConfig
-
-        return PPMConfig(d_model=d_model, **asdict(self))
 
 
 @dataclass(config=STRICT)
@@ -318,11 +305,6 @@ class Stage1Section:
     ppm: PPMShape = Field(default_factory=PPMShape)
     deepspeed: dict[str, Any] = Field(default_factory=dict)  # overrides of the deepspeed section
 
-    def build(self, reserve_ratio: float):
-        from covipal.training.stage1 import Stage1Config
-
-        return Stage1Config(loss=self.loss, normalize=self.normalize, reserve_ratio=reserve_ratio,
-                            epochs=self.epochs, eval_batch_size=self.eval_batch_size)
 
 
 @dataclass(config=STRICT)
@@ -341,15 +323,6 @@ class Stage2Section:
     eval_batch_size: int = Field(64, ge=1)  # validation rows per forward
     rows: SplitRows = Field(default_factory=SplitRows)  # rows trained on / validated on
     deepspeed: dict[str, Any] = Field(default_factory=dict)  # overrides of the deepspeed section
-
-    def build(self, reserve_ratio: float):
-        from covipal.training.stage2 import Stage2Config
-
-        return Stage2Config(reserve_ratio=reserve_ratio, temperature=self.temperature, threshold=self.threshold,
-                            lambda_bin=self.lambda_bin, lambda_ratio=self.lambda_ratio,
-                            min_retention=self.min_retention, epochs=self.epochs,
-                            estimator=self.estimator, noise=self.noise)
-
 
 
 @dataclass(config=STRICT)
@@ -496,9 +469,20 @@ class OpsConfig:
     deployment: str = Field("covipal-retrain", min_length=1)  # Prefect deployment name
     work_pool: str = Field("covipal", min_length=1)  # the work pool of prefect.yaml's deployment
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    stage_retries: int = Field(2, ge=0)  # Prefect retries of a failed `dvc repro <stage>`
-    retry_delay_seconds: float = Field(10.0, ge=0)
+    stage_retries: int = Field(2, ge=0)  # Prefect retries of a `dvc repro <stage>` that failed transiently
+    retry_delay_seconds: float = Field(10.0, ge=0)  # the first retry's delay; it doubles for each next one
     targets_processes: int = Field(1, ge=1)  # processes sharing the target extraction (DeepSpeed launcher)
+    stage_timeout_minutes: float = Field(720.0, gt=0)  # a `dvc repro <stage>` running longer is stopped, failed
+    flow_timeout_minutes: float = Field(2880.0, gt=0)  # a whole flow run, its wait for the workspace included
+    notify_webhook: str | None = None  # http(s) URL a JSON note is POSTed to when a run fails or moves the registry
+
+    @field_validator("notify_webhook")
+    @classmethod
+    def _webhook_is_a_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"'{url}' is not an http(s) URL; give one such as https://hooks.example.com/covipal, "
+                             "or null for no webhook")
+        return url
 
 
 @dataclass(config=STRICT)

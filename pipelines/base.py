@@ -6,11 +6,13 @@ from common import ROOT, stage
 
 from covipal.base_model import build_base
 from covipal.io import atomic_output, write_json
+from covipal.sources import MODEL_RECORD, read_record
 
 
 def main() -> None:
     with stage("base", ["model", "base"]) as (params, run):
-        result = build_base(params, ROOT / "data" / "world", ROOT / "models" / "base")
+        result = build_base(params, ROOT / "data" / "world", ROOT / "models" / "base",
+                            resolved=read_record(ROOT / MODEL_RECORD))
         history = result.pop("history", [])
         write_json(ROOT / "metrics" / "base.json", result)
         with atomic_output(ROOT / "plots" / "base_history.csv") as tmp:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from covipal.config import ConfigError, Params, load_params
+from covipal.workspace import config_error, hold_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,8 @@ def stage(name: str, sections: list[str], distributed: bool = False):
     try:
         params: Params = load_params(args.params)  # the whole file, sections this stage does not read included
     except ConfigError as err:
-        sys.exit(f"error: {err}")
+        config_error(err)
+    hold_workspace(ROOT, name)  # waits while another writer has the workspace; held until this process exits
     if distributed:
         processes, hostfile = launch_settings(params, name)
         if needs_launcher(processes, hostfile):
@@ -47,7 +49,10 @@ def stage(name: str, sections: list[str], distributed: bool = False):
 
     logged = {s: _as_dict(getattr(params, s)) for s in sections}
     with stage_run(name, logged, params.tracking.experiment, tracking_uri(params.tracking.tracking_uri, ROOT)) as run:
-        yield params, run
+        try:
+            yield params, run
+        except ConfigError as err:  # found by the stage (its data, its model): rerunning cannot help
+            config_error(err)
 
 
 def launch_settings(params: Params, name: str) -> tuple[int, str | None]:

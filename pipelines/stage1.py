@@ -1,4 +1,8 @@
-"""DVC stage ``stage1``: train the PPM on the guide-layer targets (DeepSpeed) into models/stage1."""
+"""DVC stage ``stage1``: train the PPM on the guide-layer targets (DeepSpeed) into models/stage1.
+
+DeepSpeed checkpoints each epoch go to the scratch folder checkpoints/stage1 (resumed after an
+interruption; no DVC output).
+"""
 
 from common import ROOT, publish, stage
 

@@ -1,4 +1,8 @@
-"""DVC stage ``stage2``: train the PPM end to end through the frozen LVLM into models/ppm; register it in MLflow."""
+"""DVC stage ``stage2``: train the PPM end to end through the frozen LVLM into models/ppm; register it in MLflow.
+
+DeepSpeed checkpoints each epoch go to the scratch folder checkpoints/stage2 (resumed after an
+interruption; no DVC output).
+"""
 
 from common import ROOT, publish, stage
 

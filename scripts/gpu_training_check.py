@@ -48,6 +48,7 @@ def main() -> None:
     from covipal.reference.processor import ReferenceProcessor, build_tokenizer
     from covipal.training import stage1, stage2
     from covipal.training.data import ReferenceInputs, RowBatches
+    from covipal.training.pipeline import deepspeed_config, ppm_config, stage1_config, stage2_config
     from covipal.training.targets import TargetShards, write_target_shards
     from covipal.world.dataset import make_sample
     from covipal.world.scenes import scan_pools
@@ -78,10 +79,10 @@ def main() -> None:
 
     def train_stage1():
         shards = TargetShards(work / "targets" / "train")
-        ppm = PPM(params.stage1.ppm.build(shards.d_model))
+        ppm = PPM(ppm_config(params, shards.d_model))
         before = [p.detach().clone() for p in ppm.parameters()]
         res = stage1.train(ppm, shards, TargetShards(work / "targets" / "validation"),
-                           params.stage1.build(0.25), params.deepspeed_for("stage1").build(),
+                           stage1_config(params), deepspeed_config(params, "stage1"),
                            work / "ckpt1", work / "stage1", progress=False)
         changed = any(not torch.equal(b.cpu().float(), p.detach().cpu().float()) for b, p in zip(before, ppm.parameters()))
         return {"history": res["history"], "val": res["val"], "ppm_changed": changed,
@@ -89,9 +90,9 @@ def main() -> None:
 
     def train_stage2():
         ppm = PPM.from_pretrained(work / "stage1")
-        ds = params.deepspeed_for("stage2").build()
+        ds = deepspeed_config(params, "stage2")
         res = stage2.train(model, ppm, lambda e: RowBatches(train_rows, inputs.train, ds.micro_batch_size, ds.seed, e),
-                           lambda: RowBatches(val_rows, inputs.evaluation, 16), params.stage2.build(0.25), ds,
+                           lambda: RowBatches(val_rows, inputs.evaluation, 16), stage2_config(params), ds,
                            work / "ckpt2", work / "ppm", progress=False)
         return {"history": res["history"], "val": res["val"],
                 "lvlm_frozen": not any(p.requires_grad for p in model.parameters())}

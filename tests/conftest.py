@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-# Set in this process by in-process DeepSpeed tests (covipal.training.ds.single_process_env), whose gloo
+# Set in this process by in-process DeepSpeed tests (covipal.training.launch.single_process_env), whose gloo
 # group keeps its port: a pipeline started afterwards as a subprocess must not inherit them.
 DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

@@ -1,4 +1,4 @@
-"""Operations settings: the ops section, prefect.yaml in step with it, serve needs a real server."""
+"""Operations settings: the ops section, prefect.yaml in step with it (and its event trigger), serve needs a real server."""
 
 import os
 import subprocess
@@ -41,3 +41,23 @@ def test_serve_without_a_server_says_how_to_start_one(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "pipelines" / "flow.py"), "serve"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "prefect server start" in run.stderr and "PREFECT_API_URL" in run.stderr
+
+
+def test_the_deployment_starts_on_new_data_as_well_as_on_the_cron():
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    [deployment] = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    [trigger] = [DeploymentEventTrigger(**{k: v for k, v in t.items() if k != "type"}) for t in deployment["triggers"]]
+    assert trigger.expect == {"covipal.data.landed"} and trigger.enabled
+    assert trigger.match.root == {"prefect.resource.id": "covipal.data.*"}
+    assert "data-landed" in (ROOT / "pipelines" / "flow.py").read_text()
+
+
+@pytest.mark.parametrize("ops, message", [
+    ({"stage_timeout_minutes": 0}, "ops.stage_timeout_minutes"),
+    ({"flow_timeout_minutes": -1}, "ops.flow_timeout_minutes"),
+    ({"notify_webhook": "hooks.example.com"}, "ops.notify_webhook.*not an http\\(s\\) URL"),
+])
+def test_bad_timeouts_and_webhooks_name_the_key(ops, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_params({"ops": ops})

@@ -33,6 +33,12 @@ def sh(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def reran(stdout: str) -> list[str]:
+    """The stages a ``dvc repro`` ran, in order. With nothing new it is ``["sources"]``: that stage
+    runs every time (it resolves data.source and model.source) and leaves the rest up to date."""
+    return [line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage '")]
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     return make_project(tmp_path_factory.mktemp("proj"))
@@ -93,7 +99,7 @@ def test_repro_runs_every_stage_then_nothing(project):
     assert tags["profile.artifacts"].count("runs:/") == 3 and "profile.covipal_r0.25.limit" in tags
 
     again = sh(project, sys.executable, "-m", "dvc", "repro")
-    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
+    assert again.returncode == 0 and reran(again.stdout) == ["sources"], again.stdout
 
 
 def test_forced_stage2_registers_a_challenger_that_ties(project):
@@ -199,6 +205,50 @@ def registry_tags(project: Path, version: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def test_scratch_is_no_output_and_an_earlier_value_is_restored_from_the_run_cache(project):
+    """The target shards were published to data/targets (the scratch folder is gone); deleting the
+    checkpoints reruns nothing; stage 1 returned to an earlier parameter value restores its outputs from
+    DVC's run cache (nothing downstream reruns); a comment in a baseline's file reruns no PPM stage.
+    After the tests that read the checkpoints (it deletes them), before the one that breaks params.yaml."""
+    dvc = [sys.executable, "-m", "dvc"]
+
+    def repro(*args: str) -> str:
+        run = sh(project, *dvc, "repro", *args)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        return run.stdout
+
+    def set_epochs(n: int) -> None:
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params["stage1"]["epochs"] = n
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+    repro()  # whatever the tests above left outdated (a forced stage2 registers a new version: profile)
+    assert {"train", "validation"} <= {p.name for p in (project / "data" / "targets").iterdir()}
+    assert not (project / "checkpoints" / "targets").exists()  # moved to data/targets when done
+    weights = (project / "models" / "stage1" / "model.safetensors").read_bytes()
+    shutil.rmtree(project / "checkpoints")
+    assert reran(repro()) == ["sources"]
+
+    set_epochs(1)
+    assert reran(repro("--single-item", "stage1")) == ["stage1"]
+    assert (project / "models" / "stage1" / "model.safetensors").read_bytes() != weights
+    set_epochs(2)
+    again = repro("--single-item", "stage1")
+    assert reran(again) == [] and "Stage 'stage1' is cached" in again, again
+    assert (project / "models" / "stage1" / "model.safetensors").read_bytes() == weights
+    assert reran(repro()) == ["sources"]
+
+    fastv = project / "covipal" / "pruning" / "fastv.py"
+    text = fastv.read_text()
+    fastv.write_text(text + "# a comment\n")
+    try:
+        status = sh(project, *dvc, "status", "stage2", "profile")
+        assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+        assert "covipal/pruning" in sh(project, *dvc, "status", "evaluate").stdout  # the whole folder: every method
+    finally:
+        fastv.write_text(text)
+
+
 def test_bad_params_stop_before_any_work(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"]["video_share"] = 1.5
@@ -208,3 +258,17 @@ def test_bad_params_stop_before_any_work(project):
     assert run.returncode != 0
     assert "data.video_share" in run.stdout + run.stderr
     assert (project / "models" / "base" / "config.json").stat().st_mtime == before
+
+
+def test_the_readme_quick_start_runs_as_written_on_the_outputs(project):
+    """The README's quick start, run in the project after the pipeline: answers and budgets print."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    run = sh(project, sys.executable, "-c", code)
+    assert run.returncode == 0, run.stdout + run.stderr
+    answers, budget = run.stdout.strip().splitlines()[-2:]
+    assert answers.count("'") >= 32  # 8 answers given and 8 expected, quoted
+    assert budget.startswith("[") and "vision tokens kept of" in budget

@@ -27,7 +27,8 @@ def test_targets_stage1_and_stage2_run_on_the_saved_checkpoint(family, tmp_path)
     from covipal.ppm import PPM
     from covipal.training import stage2
     from covipal.training.data import RowBatches
-    from covipal.training.pipeline import load_frozen_base, make_targets, run_stage1
+    from covipal.training.pipeline import (deepspeed_config, load_frozen_base, make_targets, run_stage1,
+                                           stage2_config)
     from covipal.training.targets import TargetShards
 
     save_checkpoint(family, tmp_path / "checkpoint")
@@ -54,8 +55,8 @@ def test_targets_stage1_and_stage2_run_on_the_saved_checkpoint(family, tmp_path)
     assert sorted(set(data["train"]["modality"])) == ["image", "video"]
     ppm = PPM.from_pretrained(tmp_path / "stage1")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = params.stage2.build(params.pruning.reserve_ratio)
-    ds = params.deepspeed_for("stage2").build()
+    cfg = stage2_config(params)
+    ds = deepspeed_config(params, "stage2")
     result = stage2.train(model, ppm, lambda epoch: RowBatches(data["train"], inputs.train, 4, ds.seed, epoch),
                           lambda: RowBatches(data["validation"], inputs.evaluation, 8), cfg, ds, tmp_path / "ckpt2",
                           tmp_path / "ppm", progress=False, **quiet)

@@ -88,7 +88,7 @@ def test_training_modules_import_no_heavy_packages():
 
 
 def test_single_process_env_keeps_a_launchers_values(monkeypatch):
-    from covipal.training.ds import single_process_env
+    from covipal.training.launch import single_process_env
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
@@ -106,7 +106,7 @@ def test_interpreter_tools_come_first_on_path_once(monkeypatch):
     import sys
     from pathlib import Path
 
-    from covipal.training.ds import interpreter_tools_first
+    from covipal.training.launch import interpreter_tools_first
 
     tools = str(Path(sys.executable).parent)
     monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"]))
@@ -117,7 +117,7 @@ def test_interpreter_tools_come_first_on_path_once(monkeypatch):
 
 LEAVE = """
 import atexit, torch
-from covipal.training.ds import join_process_group
+from covipal.training.launch import join_process_group
 join_process_group()
 print("joined", torch.distributed.is_initialized())
 atexit._run_exitfuncs()

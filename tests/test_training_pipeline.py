@@ -15,7 +15,8 @@ import yaml
 from covipal.config import (ConfigError, DeepSpeedSection, PPMShape, Stage1Section, Stage2Section, TargetsConfig,
                             load_params, parse_params)
 from covipal.training.launch import RankBatches, launcher_command
-from covipal.training.pipeline import mark_complete, resumable
+from covipal.training.pipeline import (deepspeed_config, mark_complete, ppm_config, resumable, stage1_config,
+                                       stage2_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,11 +64,11 @@ def test_literal_choices_match_the_library():
 
 def test_repository_params_build_the_library_configs():
     params = load_params(ROOT / "params.yaml")
-    ds = params.deepspeed_for("stage2").build()
+    ds = deepspeed_config(params, "stage2")
     assert ds.lr == params.stage2.deepspeed.get("lr", params.deepspeed.lr)
-    assert params.stage1.build(params.pruning.reserve_ratio).reserve_ratio == params.pruning.reserve_ratio
-    assert params.stage2.build(params.pruning.reserve_ratio).epochs == params.stage2.epochs
-    assert params.stage1.ppm.build(128).d_model == 128
+    assert stage1_config(params).reserve_ratio == params.pruning.reserve_ratio
+    assert stage2_config(params).epochs == params.stage2.epochs
+    assert ppm_config(params, 128).d_model == 128
 
 
 @pytest.mark.parametrize("raw, key, fix", [

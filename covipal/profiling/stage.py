@@ -85,7 +85,9 @@ def _subject(params: Params, base_dir: Path, device, dtype):
 
 def _ppm(params: Params, ppm_dir: Path, d_model: int, device, dtype, trained: bool):
     """The trained PPM for the base model; a PPM of random weights (shape ``stage1.ppm``) otherwise."""
-    from covipal.ppm import PPM
+    from dataclasses import asdict
+
+    from covipal.ppm import PPM, PPMConfig
 
     if trained and (ppm_dir / "model.safetensors").exists():
         ppm = PPM.from_pretrained(ppm_dir)
@@ -94,7 +96,8 @@ def _ppm(params: Params, ppm_dir: Path, d_model: int, device, dtype, trained: bo
                              f"model's are {d_model}; rerun stage1 and stage2 on this base model")
         return ppm.to(device, dtype), str(ppm_dir)
     torch.manual_seed(0)
-    return PPM(params.stage1.ppm.build(d_model)).to(device, dtype).eval(), "random weights (stage1.ppm shape)"
+    shape = PPMConfig(d_model=d_model, **asdict(params.stage1.ppm))
+    return PPM(shape).to(device, dtype).eval(), "random weights (stage1.ppm shape)"
 
 
 def _check_prompts(subject, p) -> None:

@@ -13,23 +13,34 @@ Registered methods: ``random``, ``covipal``, ``oracle``, ``visionzip`` (before t
 ``dart``, ``fastv``, ``pyramiddrop``, ``sparsevlm`` (inside the LLM). Every pruner
 reports its budget both as tokens entering the LLM and averaged over layers
 (:meth:`Pruner.budget`, ``run.budget()``).
+
+Importing this package imports no method: each method's module is imported when its name
+is first used (:func:`get_method`) or its class is read from here (``FastVPruner``), so a
+stage that never uses a method does not depend on its file (:mod:`covipal.deps`). Code in
+the project imports a method's class from its module (``covipal.pruning.fastv``).
 """
+
+import importlib
 
 from covipal.pruning.adapters import ADAPTERS, Adapter, get_adapter
 from covipal.pruning.base import Budget, Pruner, PruningContext, n_keep, select
-from covipal.pruning.covipal_pruner import CoViPALPruner
-from covipal.pruning.dart import DARTPruner
-from covipal.pruning.fastv import FastVPruner
 from covipal.pruning.layers import LayerContext, LayerPruner, LayerPruningRun
-from covipal.pruning.oracle import OraclePruner
-from covipal.pruning.pyramiddrop import PyramidDropPruner
-from covipal.pruning.random_pruner import RandomPruner
 from covipal.pruning.registry import available_methods, get_method, register
 from covipal.pruning.runtime import PruningRun
-from covipal.pruning.sparsevlm import SparseVLMPruner
-from covipal.pruning.visionzip import VisionZipPruner
 
-__all__ = ["ADAPTERS", "Adapter", "Budget", "CoViPALPruner", "DARTPruner", "FastVPruner", "LayerContext",
-           "LayerPruner", "LayerPruningRun", "OraclePruner", "Pruner", "PruningContext", "PruningRun",
-           "PyramidDropPruner", "RandomPruner", "SparseVLMPruner", "VisionZipPruner", "available_methods",
-           "get_adapter", "get_method", "n_keep", "register", "select"]
+METHOD_CLASSES = {  # class name -> its module, imported when the name is read
+    "CoViPALPruner": "covipal.pruning.covipal_pruner", "DARTPruner": "covipal.pruning.dart",
+    "FastVPruner": "covipal.pruning.fastv", "OraclePruner": "covipal.pruning.oracle",
+    "PyramidDropPruner": "covipal.pruning.pyramiddrop", "RandomPruner": "covipal.pruning.random_pruner",
+    "SparseVLMPruner": "covipal.pruning.sparsevlm", "VisionZipPruner": "covipal.pruning.visionzip",
+}
+
+__all__ = ["ADAPTERS", "Adapter", "Budget", "LayerContext", "LayerPruner", "LayerPruningRun", "Pruner",
+           "PruningContext", "PruningRun", "available_methods", "get_adapter", "get_method", "n_keep", "register",
+           "select", *METHOD_CLASSES]
+
+
+def __getattr__(name: str):
+    if name in METHOD_CLASSES:
+        return getattr(importlib.import_module(METHOD_CLASSES[name]), name)
+    raise AttributeError(f"module 'covipal.pruning' has no attribute {name!r}")

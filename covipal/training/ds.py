@@ -20,12 +20,8 @@ killed and resumed ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import json
-import os
-import socket
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal
@@ -34,6 +30,7 @@ import torch
 from torch import nn
 
 from covipal.training.data import epoch_generator
+from covipal.training.launch import join_process_group
 
 
 @dataclass
@@ -107,61 +104,6 @@ class DeepSpeedConfig:
                 "warmup_min_lr": 0.0, "warmup_max_lr": self.lr, "warmup_num_steps": self.warmup_steps,
                 "warmup_type": "linear"}}
         return config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def single_process_env() -> dict[str, str]:
-    """Set the distributed env vars a launcher would, where absent; ``DS_ACCELERATOR=cpu`` without CUDA.
-
-    Returns the variables it set.
-    """
-    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    if "MASTER_PORT" not in os.environ:
-        defaults["MASTER_PORT"] = str(_free_port())
-    if not torch.cuda.is_available():
-        defaults["DS_ACCELERATOR"] = "cpu"
-    added = {k: v for k, v in defaults.items() if k not in os.environ}
-    os.environ.update(added)
-    return added
-
-
-def interpreter_tools_first() -> None:
-    """Put this interpreter's ``bin`` folder first on ``PATH`` (once), so that DeepSpeed's JIT
-    build of its CPU comm op always runs the same ``ninja``: the virtual environment's (a
-    DeepSpeed dependency) and the system's record build commands differently, and every switch
-    between them rebuilds the op (about 45 s on 2 cores)."""
-    tools = str(Path(sys.executable).parent)
-    path = os.environ.get("PATH", "")
-    if path.split(os.pathsep)[0] != tools:
-        os.environ["PATH"] = tools + os.pathsep + path if path else tools
-
-
-def join_process_group() -> None:
-    """Join the process group (NCCL on a GPU, gloo on the CPU) if this process has not yet, after
-    :func:`single_process_env` and :func:`interpreter_tools_first`; leave it at exit.
-
-    Leaving it explicitly matters: a gloo process that exits with its group still open can
-    abort in teardown ("terminate called without an active exception", exit status -6),
-    seen once in CI after two launched processes had finished their work.
-    """
-    single_process_env()
-    interpreter_tools_first()
-    if not torch.distributed.is_initialized():
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-        atexit.register(leave_process_group)
-
-
-def leave_process_group() -> None:
-    """Destroy the default process group if one is open (registered at exit by :func:`join_process_group`)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def initialize(ppm: nn.Module, cfg: DeepSpeedConfig):

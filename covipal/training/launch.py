@@ -18,13 +18,16 @@ Under a launcher already (``LOCAL_RANK`` set: ``deepspeed --hostfile h pipelines
 or ``torchrun --nproc_per_node 2 pipelines/stage1.py`` by hand) nothing is relaunched.
 Each process trains on its own share of the batches (:class:`RankBatches`), or writes
 its own share of the target shards; only rank 0 writes the other outputs, metrics and
-MLflow runs.
+MLflow runs. The process group itself (:func:`join_process_group`, with the environment a
+launcher would set for a single process) is joined here too, lazily, by whoever needs it first.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -58,10 +61,8 @@ def needs_launcher(processes: int, hostfile: str | None) -> bool:
 def launcher_command(script: str | Path, args: list[str], processes: int, hostfile: str | Path | None = None,
                      master_port: int | None = None) -> list[str]:
     """The DeepSpeed launcher command line running ``script args`` in ``processes`` processes per host."""
-    from covipal.training.ds import _free_port
-
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes),
-           "--master_port", str(master_port or _free_port()), "--no_local_rank"]
+           "--master_port", str(master_port or free_port()), "--no_local_rank"]
     if hostfile is not None:
         cmd += ["--hostfile", str(hostfile)]
     return cmd + [str(script), *args]
@@ -91,8 +92,6 @@ def barrier() -> None:
     if world_size() == 1:
         return
     import torch
-
-    from covipal.training.ds import join_process_group
 
     join_process_group()
     torch.distributed.barrier()
@@ -139,3 +138,65 @@ class ShardsForRank:
 
     def epoch(self, batch_size: int, seed: int, epoch: int) -> RankBatches:
         return RankBatches(self.shards.epoch(batch_size, seed, epoch), self.rank, self.world)
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (the master port of a process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_env() -> dict[str, str]:
+    """Set the distributed env vars a launcher would, where absent; ``DS_ACCELERATOR=cpu`` without CUDA.
+
+    Returns the variables it set.
+    """
+    import torch
+
+    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    if "MASTER_PORT" not in os.environ:
+        defaults["MASTER_PORT"] = str(free_port())
+    if not torch.cuda.is_available():
+        defaults["DS_ACCELERATOR"] = "cpu"
+    added = {k: v for k, v in defaults.items() if k not in os.environ}
+    os.environ.update(added)
+    return added
+
+
+def interpreter_tools_first() -> None:
+    """Put this interpreter's ``bin`` folder first on ``PATH`` (once), so that DeepSpeed's JIT
+    build of its CPU comm op always runs the same ``ninja``: the virtual environment's (a
+    DeepSpeed dependency) and the system's record build commands differently, and every switch
+    between them rebuilds the op (about 45 s on 2 cores)."""
+    tools = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != tools:
+        os.environ["PATH"] = tools + os.pathsep + path if path else tools
+
+
+def join_process_group() -> None:
+    """Join the process group (NCCL on a GPU, gloo on the CPU) if this process has not yet, after
+    :func:`single_process_env` and :func:`interpreter_tools_first`; leave it at exit.
+
+    Leaving it explicitly matters: a gloo process that exits with its group still open can
+    abort in teardown ("terminate called without an active exception", exit status -6),
+    seen once in CI after two launched processes had finished their work.
+    """
+    import deepspeed
+    import torch
+
+    single_process_env()
+    interpreter_tools_first()
+    if not torch.distributed.is_initialized():
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(leave_process_group)
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group if one is open (registered at exit by :func:`join_process_group`)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -4,12 +4,14 @@ Each function is what one DVC stage calls (``pipelines/targets.py``, ``stage1.py
 ``stage2.py``): it reads the upstream outputs, builds the library's configs from
 :class:`covipal.config.Params` and calls the library.
 
-Resume: DVC deletes a stage's outputs before it reruns it, so the target shards and the
-DeepSpeed checkpoints are ``persist: true`` outputs, and :func:`resumable` decides what a
-new run may reuse. A folder left by an interrupted run of the same inputs (base model,
-data, covipal code and settings, hashed into a key) is resumed; a folder left by a run
-that finished, or by other inputs, is emptied first, since DVC only reruns a finished
-stage when something changed (or it is forced).
+Resume: work in progress lives in scratch folders that are no DVC outputs (``checkpoints/``,
+ignored by git): the target shards being written (published to ``data/targets`` when all
+are done) and the DeepSpeed checkpoints of each epoch. Deleting them never makes DVC rerun
+a stage, and the stages' outputs stay ordinary cached outputs (DVC's run cache restores
+them). :func:`resumable` decides what a new run may reuse: a folder left by an interrupted
+run of the same inputs (base model, data, the code the stage runs and settings, hashed
+into a key) is resumed; a folder left by a run that finished, or by other inputs, is
+emptied first, since DVC only reruns a finished stage when something changed (or it is forced).
 
 Checks before damage: everything that can be checked before work (the guide layer against
 the base model's depth, read from its config; the stage-1 PPM's width against the base
@@ -31,22 +33,31 @@ from dataclasses import asdict
 from pathlib import Path
 
 from covipal.config import ConfigError, Params
-from covipal.io import content_hash, write_json
+from covipal.io import atomic_output, content_hash, write_json
 from covipal.training.launch import ShardsForRank, barrier, gather, is_main, rank, world_size
 
 RESUME_FILE = "resume.json"
 STAGE1_METRICS = "metrics.json"  # stage-1 validation metrics, next to the stage-1 PPM
 SPLITS = ("train", "validation")
 CHECK_ROWS = 4  # first train rows whose prompts must hold vision tokens before a stage starts
-PACKAGE = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 # --- lineage and resume ----------------------------------------------------------------
 
 
-def code_version() -> str:
-    """Hash of the covipal package's Python files: a resumed run must run the same code."""
-    return content_hash(PACKAGE, "**/*.py")
+def code_version(stage: str) -> str:
+    """Hash of the code stage ``stage`` runs: a resumed run must run the same code.
+
+    The files are the import closure (:func:`covipal.deps.import_closure`) of the stage's
+    script ``pipelines/<stage>.py``, the same files ``dvc.yaml`` lists as its dependencies;
+    without that script (the library used on its own), the closure of this module.
+    """
+    from covipal.deps import code_digest, import_closure
+
+    script = PROJECT / "pipelines" / f"{stage}.py"
+    script = script if script.is_file() else Path(__file__).resolve()
+    return code_digest(import_closure(script, root=PROJECT), PROJECT)
 
 
 def dvc_lock_md5(root: str | Path, path: str | Path) -> str | None:
@@ -205,15 +216,57 @@ def base_lineage(base_dir: Path) -> tuple[str, str]:
     return "reference", "sha256:" + content_hash(base_dir)
 
 
+# --- the library's configs, from the params sections --------------------------------------
+
+
+def deepspeed_config(params: Params, stage: str):
+    """``DeepSpeedConfig`` of ``stage`` (the ``deepspeed`` section with the stage's overrides; the
+    launch keys ``processes`` and ``hostfile`` pick the launcher instead)."""
+    from covipal.config import LAUNCH_KEYS
+    from covipal.training.ds import DeepSpeedConfig
+
+    values = asdict(params.deepspeed_for(stage))
+    return DeepSpeedConfig(**{k: v for k, v in values.items() if k not in LAUNCH_KEYS})
+
+
+def ppm_config(params: Params, d_model: int):
+    """``PPMConfig`` of ``stage1.ppm`` for a base model of hidden size ``d_model``."""
+    from covipal.ppm import PPMConfig
+
+    return PPMConfig(d_model=d_model, **asdict(params.stage1.ppm))
+
+
+def stage1_config(params: Params):
+    """``Stage1Config`` of the ``stage1`` section at ``pruning.reserve_ratio``."""
+    from covipal.training.stage1 import Stage1Config
+
+    s = params.stage1
+    return Stage1Config(loss=s.loss, normalize=s.normalize, reserve_ratio=params.pruning.reserve_ratio,
+                        epochs=s.epochs, eval_batch_size=s.eval_batch_size)
+
+
+def stage2_config(params: Params):
+    """``Stage2Config`` of the ``stage2`` section at ``pruning.reserve_ratio``."""
+    from covipal.training.stage2 import Stage2Config
+
+    s = params.stage2
+    return Stage2Config(reserve_ratio=params.pruning.reserve_ratio, temperature=s.temperature,
+                        threshold=s.threshold, lambda_bin=s.lambda_bin, lambda_ratio=s.lambda_ratio,
+                        min_retention=s.min_retention, epochs=s.epochs, estimator=s.estimator, noise=s.noise)
+
+
 # --- the stages ---------------------------------------------------------------------------
 
 
-def make_targets(params: Params, data_dir: Path, base_dir: Path, out_dir: Path, log=print) -> dict:
+def make_targets(params: Params, data_dir: Path, base_dir: Path, out_dir: Path, work_dir: Path | None = None,
+                 log=print) -> dict:
     """Stage ``targets``: guide-layer attention targets of the train and validation rows, as shards.
 
-    Writes ``out_dir/train`` and ``out_dir/validation`` (resumable shard by shard); under
-    the launcher (``ops.targets_processes``) the processes split the shards between them.
-    Returns per split the rows, shards written and skipped and mean vision tokens, and the minutes.
+    Writes the shards of ``train`` and ``validation`` into ``work_dir`` (resumable shard by
+    shard; default: the hidden sibling ``.<name>.work`` of ``out_dir``) and, once all are
+    written, moves them to ``out_dir`` in one step. Under the launcher
+    (``ops.targets_processes``) the processes split the shards between them. Returns per
+    split the rows, shards written and skipped and mean vision tokens, and the minutes.
     """
     import torch
     from datasets import load_from_disk
@@ -222,28 +275,31 @@ def make_targets(params: Params, data_dir: Path, base_dir: Path, out_dir: Path, 
 
     t0 = time.time()
     cfg = params.targets
+    work_dir = out_dir.with_name(f".{out_dir.name}.work") if work_dir is None else work_dir
     check_guide_layer(params, base_dir)  # from the config: before the weights load
     model, inputs = load_frozen_base(base_dir, params.model.prompt)
     ds = load_from_disk(str(data_dir))
     check_vision_tokens(model, inputs, _first_rows(ds["train"]), "train")
     if is_main():
-        key = {"base": content_hash(base_dir), "data": content_hash(data_dir), "code": code_version(),
+        key = {"base": content_hash(base_dir), "data": content_hash(data_dir), "code": code_version("targets"),
                "targets": asdict(cfg), "prompt": params.model.prompt}
-        if resumable(out_dir, key, log):
-            log(f"resuming the target shards in {out_dir}")
+        if resumable(work_dir, key, log):
+            log(f"resuming the target shards in {work_dir}")
     barrier()
     out = {}
     for split in SPLITS:  # with several processes each writes every world-th shard
         summary = write_target_shards(model, inputs.prompt, _rows(ds[split], getattr(cfg.rows, split)),
-                                      out_dir / split, cfg.shard_size, guide_layer=cfg.guide_layer,
+                                      work_dir / split, cfg.shard_size, guide_layer=cfg.guide_layer,
                                       queries=cfg.queries, batch_size=cfg.batch_size, dtype=getattr(torch, cfg.dtype),
                                       progress=is_main(), rank=rank(), world=world_size())
-        parts = gather(summary)
+        parts = gather(summary)  # every rank has written its shards of the split
         if world_size() > 1 and is_main():
-            summary = merge_summaries(parts, out_dir / split)
+            summary = merge_summaries(parts, work_dir / split)
         out[split] = {k: summary[k] for k in ("rows", "shards", "written", "skipped", "mean_vision_tokens")}
     if is_main():
-        mark_complete(out_dir)
+        mark_complete(work_dir)
+        with atomic_output(out_dir) as tmp:
+            shutil.move(work_dir, tmp)
     return {**out, "world_size": world_size(), "minutes": (time.time() - t0) / 60}
 
 
@@ -260,19 +316,18 @@ def run_stage1(params: Params, targets_dir: Path, out_dir: Path, checkpoint_dir:
 
     t0 = time.time()
     train, val = TargetShards(targets_dir / "train"), TargetShards(targets_dir / "validation")
-    cfg = params.stage1.build(params.pruning.reserve_ratio)
-    section = params.deepspeed_for("stage1")
-    ds = section.build()
+    cfg = stage1_config(params)
+    ds = deepspeed_config(params, "stage1")
     world = world_size()
     if is_main():
-        key = {"targets": _read_key(targets_dir, "targets"), "code": code_version(), "world_size": world,
+        key = {"targets": _read_key(targets_dir, "targets"), "code": code_version("stage1"), "world_size": world,
                "stage1": {**asdict(cfg), "epochs": None}, "ppm": asdict(params.stage1.ppm),
                "deepspeed": asdict(ds)}
         if resumable(checkpoint_dir, key, log):
             log(f"resuming stage 1 from {checkpoint_dir}")
     barrier()
     torch.manual_seed(ds.seed)
-    ppm = PPM(params.stage1.ppm.build(train.d_model))
+    ppm = PPM(ppm_config(params, train.d_model))
     source = train if world == 1 else ShardsForRank(train, rank(), world)
     result = stage1.train(ppm, source, val if is_main() else None, cfg, ds, checkpoint_dir,
                           out_dir if is_main() else None, log=log)
@@ -303,9 +358,8 @@ def run_stage2(params: Params, data_dir: Path, base_dir: Path, stage1_dir: Path,
     from covipal.training.data import RowBatches
 
     t0 = time.time()
-    cfg = params.stage2.build(params.pruning.reserve_ratio)
-    section = params.deepspeed_for("stage2")
-    ds_cfg = section.build()
+    cfg = stage2_config(params)
+    ds_cfg = deepspeed_config(params, "stage2")
     world, data_version = world_size(), content_hash(data_dir)
     check_ppm_width(stage1_dir, base_dir)  # from the configs: before the weights load
     torch.manual_seed(ds_cfg.seed)
@@ -314,7 +368,7 @@ def run_stage2(params: Params, data_dir: Path, base_dir: Path, stage1_dir: Path,
     check_vision_tokens(model, inputs, _first_rows(data["train"]), "train")
     if is_main():
         key = {"base": content_hash(base_dir), "data": data_version, "stage1": content_hash(stage1_dir),
-               "code": code_version(), "world_size": world, "stage2": {**asdict(params.stage2), "epochs": None},
+               "code": code_version("stage2"), "world_size": world, "stage2": {**asdict(params.stage2), "epochs": None},
                "reserve_ratio": params.pruning.reserve_ratio, "deepspeed": asdict(ds_cfg),
                "prompt": params.model.prompt}
         if resumable(checkpoint_dir, key, log):

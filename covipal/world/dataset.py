@@ -33,6 +33,7 @@ naming its column for each field (:func:`resolve_columns`); :func:`to_schema` co
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -178,18 +179,20 @@ def _png(pixels: np.ndarray) -> dict:
     return {"bytes": buf.getvalue(), "path": None}
 
 
-def load_source(cfg: DataConfig, root: Path | None = None, log=print, cache_dir: Path | None = None):
+def load_source(cfg: DataConfig, root: Path | None = None, log=print, cache_dir: Path | None = None,
+                revision: str | None = None):
     """The data set ``cfg.source`` names in the prepared schema: the embedded world, or a saved
-    folder or hub id converted by :func:`to_schema` (its Arrow files written to ``cache_dir``,
-    in memory when None)."""
+    folder or hub id (at ``revision``, a commit the ``sources`` stage resolved) converted by
+    :func:`to_schema` (its Arrow files written to ``cache_dir``, in memory when None)."""
     if cfg.source == "digit-world":
         return build_world(cfg)
-    return to_schema(read_source(cfg.source, root), cfg.columns, log, cache_dir)
+    return to_schema(read_source(cfg.source, root, revision), cfg.columns, log, cache_dir)
 
 
-def read_source(source: str, root: Path | None = None):
-    """The ``DatasetDict`` of a folder written by ``save_to_disk`` (relative to ``root``) or a hub id,
-    with its train, validation and test splits checked (present, readable, not empty)."""
+def read_source(source: str, root: Path | None = None, revision: str | None = None):
+    """The ``DatasetDict`` of a folder written by ``save_to_disk`` (relative to ``root``) or a hub id
+    (at ``revision``; None: its default branch), with its train, validation and test splits
+    checked (present, readable, not empty)."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     path = Path(source)
@@ -203,7 +206,7 @@ def read_source(source: str, root: Path | None = None):
             raise ConfigError(f"data.source: {path} could not be read ({type(err).__name__}: {err}); write it "
                               "again with DatasetDict.save_to_disk") from err
     else:
-        ds = load_dataset(source)
+        ds = load_dataset(source, revision=revision)
     if not isinstance(ds, DatasetDict):
         raise ConfigError(f"data.source: {source!r} holds one {type(ds).__name__}, not a DatasetDict; save "
                           "DatasetDict(train=..., validation=..., test=...) with save_to_disk")
@@ -444,17 +447,128 @@ def summarize(ds) -> dict:
     return out
 
 
-def prepare(cfg: DataConfig, out: Path, root: Path | None = None, log=print) -> dict:
-    """Write the data set ``cfg.source`` names to ``out`` in the prepared schema, atomically
-    (a source that fails its checks leaves ``out`` as it was); return :func:`summarize`."""
+def prepare(cfg: DataConfig, out: Path, root: Path | None = None, log=print, resolved: dict | None = None) -> dict:
+    """Write the data set ``cfg.source`` names to ``out`` in the prepared schema, atomically; return
+    :func:`summarize`.
+
+    ``resolved`` is the ``sources`` stage's record of ``cfg.source`` (:mod:`covipal.sources`): a
+    hub data set is read at its commit, and the record is saved as ``out/source.json`` (the
+    data version the prepared rows came from). The rows pass :func:`check_rows` before anything
+    is written: a source that fails a check leaves ``out`` as it was.
+    """
     import tempfile
 
     from covipal.io import atomic_output
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    same = resolved is not None and resolved.get("source") == cfg.source
+    revision = resolved["version"] if same and resolved["kind"] == "hub" else None
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.convert-", dir=out.parent) as cache:
-        ds = load_source(cfg, root, log, cache_dir=Path(cache))
+        ds = load_source(cfg, root, log, cache_dir=Path(cache), revision=revision)
+        check_rows(ds)
+        if same and resolved["kind"] == "folder":
+            _check_unchanged(cfg.source, root, resolved["version"])
         with atomic_output(out) as tmp:
             ds.save_to_disk(str(tmp))
+            if same:
+                (tmp / SOURCE_RECORD).write_text(json.dumps(resolved, sort_keys=True, indent=2) + "\n")
         return summarize(ds)
+
+
+SOURCE_RECORD = "source.json"  # in the prepared folder: the record of the source version it holds
+MAX_NAMED = 20  # problems listed in the error of a source that fails its checks
+
+
+def check_rows(ds) -> None:
+    """Refuse prepared data that would train or test wrongly, naming each bad row by split and index.
+
+    Checked: every split has rows and the schema's columns (:data:`COLUMNS`, pictures as
+    images); every picture decodes; every row has a question and an answer (not empty); no
+    validation or test row repeats a train row by content (the same image bytes and question).
+    A :class:`ConfigError` lists the first :data:`MAX_NAMED` problems and how many there are.
+    """
+    check_splits(ds)
+    problems = []
+    for split in SPLITS:
+        missing = [c for c in COLUMNS if c not in ds[split].column_names]
+        if missing:
+            problems.append(f"split {split!r} lacks column(s) {missing} (its columns: {ds[split].column_names})")
+    if problems:
+        raise ConfigError("data.source fails its checks: " + "; ".join(problems) + "; give every split the "
+                          "prepared schema's columns (covipal/world/dataset.py)")
+    seen: dict[bytes, int] = {}
+    for split in SPLITS:
+        part = ds[split].select_columns(["images", "question", "answer"]).with_format("arrow")
+        for start in tqdm(range(0, len(part), CHECK_BATCH), desc=f"check {split}", unit="batch", mininterval=5,
+                          disable=len(part) <= CHECK_BATCH):
+            for offset, row in enumerate(part[start:start + CHECK_BATCH].to_pylist()):
+                index = start + offset
+                problems += [f"{split} row {index}: {p}" for p in _row_problems(row)]
+                key = _content_key(row)
+                if split == "train":
+                    seen.setdefault(key, index)
+                elif key in seen:
+                    problems.append(f"{split} row {index} repeats train row {seen[key]} (the same images and "
+                                    "question): it would be scored on a row trained on")
+    if problems:
+        named = "; ".join(problems[:MAX_NAMED]) + (f"; and {len(problems) - MAX_NAMED} more" if len(problems) >
+                                                    MAX_NAMED else "")
+        raise ConfigError(f"data.source fails its checks ({len(problems)} problem(s)): {named}. Fix or remove these "
+                          "rows in the source and save it again; the previous prepared data stay as they were")
+
+
+CHECK_BATCH = 1000
+
+
+def _row_problems(row: dict) -> list[str]:
+    out = []
+    for i, image in enumerate(row["images"] or []):
+        error = _decode_error(image)
+        if error:
+            out.append(f"image {i} cannot be decoded ({error})")
+    if not row["images"]:
+        out.append("no picture")
+    if not (row["question"] or "").strip():
+        out.append("no question (empty)")
+    if not (row["answer"] or "").strip():
+        out.append("no answer (empty)")
+    return out
+
+
+def _decode_error(image: dict | None) -> str | None:
+    """Why the encoded ``image`` does not decode, or None (JPEGs decoded at a reduced size: fast)."""
+    import io
+
+    from PIL import Image
+
+    data = (image or {}).get("bytes")
+    if not data:
+        return "no image bytes"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (64, 64))
+            im.load()
+    except Exception as err:  # PIL raises many kinds for damaged files
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _content_key(row: dict) -> bytes:
+    import hashlib
+
+    digest = hashlib.sha256((row["question"] or "").encode() + b"\0")
+    for image in row["images"] or []:
+        digest.update(hashlib.sha256((image or {}).get("bytes") or b"").digest())
+    return digest.digest()
+
+
+def _check_unchanged(source: str, root: Path | None, version: str) -> None:
+    """A folder that changed since the ``sources`` stage hashed it is read again by the next run."""
+    from covipal.sources import folder_version
+
+    path = Path(source) if root is None or Path(source).is_absolute() else Path(root) / source
+    now = folder_version(path)
+    if now != version:
+        raise RuntimeError(f"data.source {source!r} changed while this run read it (the sources stage saw {version}, "
+                           f"now {now}: a drop landed); run again (dvc repro) to prepare the new version")
