@@ -62,13 +62,18 @@ class Registration:
     champion: str  # version holding the alias afterwards
 
 
+PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "sources")  # git-tracked files the stages themselves rewrite
+
+
 def code_commit(root: str | Path = ".") -> str:
-    """``git rev-parse HEAD`` of ``root`` (``+dirty`` if the tree has changes), or ``unknown``."""
+    """``git rev-parse HEAD`` of ``root``, or ``unknown``; ``+dirty`` if tracked files other than the
+    pipeline's own outputs (:data:`PIPELINE_OUTPUTS`) differ from it."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        exclude = [f":(exclude){p}" for p in PIPELINE_OUTPUTS]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *exclude],
+                               cwd=root, capture_output=True, text=True, check=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

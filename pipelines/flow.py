@@ -59,6 +59,7 @@ from covipal.tracking import PARENT_ENV, stage_run, tracking_uri  # noqa: E402
 from covipal.workspace import CONFIG_ERROR_EXIT, WorkspaceLock, config_error, other_dvc  # noqa: E402
 
 TAIL_LINES = 40
+CHECKED = "checked, unchanged"  # the result of an always-changed stage whose outputs came out the same
 # what a failed stage printed when rerunning it can help: DVC's locks, an unreachable server, a hung collective
 TRANSIENT = re.compile(r"is busy|Unable to acquire lock|is unreachable|Connection(Error| refused| reset)|"
                        r"Temporary failure|timed out|NCCL|ECONNRESET|503 Service", re.IGNORECASE)
@@ -186,6 +187,21 @@ def lock_entries() -> dict[str, dict[str, str]]:
     return entries
 
 
+def lock_outputs() -> dict[str, dict[str, str]]:
+    """Each stage's recorded outputs in dvc.lock: path -> hash."""
+    path = ROOT / "dvc.lock"
+    stages = (yaml.safe_load(path.read_text()) or {}).get("stages", {}) if path.exists() else {}
+    return {name: {o["path"]: str(o.get("md5") or o.get("hash") or "") for o in entry.get("outs", [])}
+            for name, entry in stages.items()}
+
+
+def always_changed() -> set[str]:
+    """Stages that DVC runs every time (``always_changed: true``, e.g. ``sources``): a run of one whose
+    outputs come out the same changed nothing."""
+    return {name for name, s in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()
+            if s.get("always_changed")}
+
+
 def kind_of(dep: str) -> str:
     """What a dependency is, for the summary: params, code, or data (data and model sources)."""
     if dep.startswith("params."):
@@ -302,7 +318,7 @@ def pipeline(stages: list[str] | None = None, force: bool = False) -> dict:
     """Reproduce ``stages`` (all of dvc.yaml when None) in pipeline order, one at a time, holding the
     workspace: pull from the DVC remote, ``dvc repro`` each stage, push after success.
 
-    Returns ``{"stages": {stage: "ran" | "up to date"}, "changed": [...], "registry": register.json or None}``.
+    Returns ``{"stages": {stage: "ran" | "up to date" | CHECKED}, "changed": [...], "registry": register.json or None}``.
     """
     results: dict[str, str] = {}
     logger = get_run_logger()
@@ -313,6 +329,7 @@ def pipeline(stages: list[str] | None = None, force: bool = False) -> dict:
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml defines {known}")
         selected = [s for s in known if stages is None or s in stages]
+        checked_only = always_changed()
         params = load_params(ROOT / "params.yaml")
         ops = params.ops
         deadline = time.monotonic() + ops.flow_timeout_minutes * 60
@@ -338,7 +355,10 @@ def pipeline(stages: list[str] | None = None, force: bool = False) -> dict:
                 if left <= 0:
                     raise StageFailed(f"the flow ran past ops.flow_timeout_minutes ({ops.flow_timeout_minutes} min) "
                                       f"before stage {stage}")
+                outs = lock_outputs().get(stage)
                 results[stage] = retrying(stage, force, run.run_id, min(ops.stage_timeout_minutes * 60, left))
+                if results[stage] == "ran" and stage in checked_only and lock_outputs().get(stage) == outs:
+                    results[stage] = CHECKED
             changed = changes(before, lock_entries(), results)
             metrics = read_metrics()
             ran = "ran" in results.values()

@@ -75,3 +75,27 @@ def test_champion_moves_only_for_a_better_ppm(registry, tmp_path):
     np.testing.assert_array_equal(out["scores"], want)
     assert out["keep"].shape == (2, 2)  # ceil(0.25 * 5) tokens, the default reserve ratio of LINEAGE
     np.testing.assert_array_equal(out["keep"], np.sort(np.argsort(-want, axis=1)[:, :2], axis=1))
+
+
+def test_code_commit_is_clean_of_the_pipelines_own_outputs(tmp_path):
+    """Stages rewrite dvc.lock, metrics/ and sources/: the commit stays clean; a code edit makes it dirty."""
+    import subprocess
+
+    from covipal.registry import code_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "metrics").mkdir()
+    for name in ("dvc.lock", "metrics/base.json", "code.py"):
+        (tmp_path / name).write_text("1")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "c")
+    head = code_commit(tmp_path)
+    assert len(head) == 40
+    (tmp_path / "dvc.lock").write_text("2")
+    (tmp_path / "metrics" / "base.json").write_text("2")
+    assert code_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("2")
+    assert code_commit(tmp_path) == head + "+dirty"
