@@ -316,7 +316,7 @@ def test_visionzip_names_the_unsupported_families(family):
 
 
 def test_oracle_keeps_the_top_guide_layer_targets():
-    from covipal.training.targets import guide_targets
+    from covipal.pruning.guide import guide_targets
 
     model, batch = setup("qwen2_vl")
     targets = guide_targets(model, batch, 2, "after_image")

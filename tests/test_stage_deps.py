@@ -73,7 +73,7 @@ def test_a_baselines_file_is_no_dependency_of_the_ppm_stages():
     attention code the base model's grounding loss uses reruns base."""
     deps = {name: set().union(*map(covered, code_deps(s["deps"]))) for name, s in stages().items()}
     assert [n for n, d in deps.items() if "covipal/pruning/fastv.py" in d] == ["evaluate"]
-    assert "covipal/training/targets.py" in deps["base"]
+    assert "covipal/pruning/guide.py" in deps["base"]
     assert "covipal/training/hf_inputs.py" in deps["targets"] & deps["stage2"] & deps["evaluate"]
 
 

@@ -9,7 +9,7 @@ from tiny_lvlms import tiny_model, tiny_processor
 from covipal.ppm import PPM, PPMConfig
 from covipal.training.hf_inputs import HFInputs
 from covipal.training.stage2 import Stage2Config, stage2_loss
-from covipal.training.targets import guide_targets
+from covipal.pruning.guide import guide_targets
 
 
 @pytest.fixture(scope="module")

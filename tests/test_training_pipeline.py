@@ -54,10 +54,11 @@ def test_config_sections_match_the_library_dataclasses(section, library, only_he
 
 
 def test_literal_choices_match_the_library():
-    from covipal.training import stage1, targets
+    from covipal.pruning import guide
+    from covipal.training import stage1
 
     hints = typing.get_type_hints(TargetsConfig)
-    assert typing.get_args(hints["queries"]) == targets.QUERIES
+    assert typing.get_args(hints["queries"]) == guide.QUERIES
     assert typing.get_args(typing.get_type_hints(Stage1Section)["loss"]) == stage1.LOSSES
     assert typing.get_args(typing.get_type_hints(Stage1Section)["normalize"]) == stage1.NORMALIZE
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from tiny_lvlms import ROWS, all_hooks, make_batch, row_prompts, tiny_model, vision_positions
 
-from covipal.training.targets import TargetShards, guide_targets, query_rows, write_target_shards
+from covipal.pruning.guide import guide_targets, query_rows
+from covipal.training.targets import TargetShards, write_target_shards
 
 
 @functools.cache

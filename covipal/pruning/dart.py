@@ -155,7 +155,7 @@ class DARTPruner(LayerPruner):
 
     def _scores(self, keys, hidden, real, vision, cols, mask, budgets) -> torch.Tensor:
         """(B, n_v) scores over the vision columns ``cols``: DART's choices first, in the order chosen."""
-        from covipal.training.targets import query_rows
+        from covipal.pruning.guide import query_rows
 
         keys = keys.transpose(1, 2).flatten(2)  # (B, L, H_kv * hd): heads concatenated
         question = query_rows(real, vision, "after_image") & ~vision  # text after the image

@@ -19,7 +19,7 @@ ones, and from then on every layer sees the shorter sequence:
    decoding; it changes none of the LLM's inputs;
 3. a pre-hook on the self-attention of each layer ``K-1`` before a stage ``K`` keeps that
    layer's attention inputs, so a score can recompute the attention rows it needs there
-   (:func:`covipal.training.targets.rows_attention`: the layer's own ``q_proj``/``k_proj``
+   (:func:`covipal.pruning.guide.rows_attention`: the layer's own ``q_proj``/``k_proj``
    and the model's ``apply_rotary_pos_emb``; the model keeps SDPA or whatever it uses);
 4. a forward pre-hook (with kwargs) on every decoder layer from the first stage on. At a
    stage of a prefill it gathers the kept rows of ``hidden_states`` (packed, padding on
@@ -168,7 +168,7 @@ class LayerContext:
         q/k projections and RoPE on the current hidden states, as PyramidDrop does). Only
         the requested rows are computed, in float32. Returns (B, H, n_q, L_c).
         """
-        from covipal.training.targets import rows_attention
+        from covipal.pruning.guide import rows_attention
 
         module, args, kwargs = self._attn_inputs(at)
         return rows_attention(module, args, kwargs, rows)

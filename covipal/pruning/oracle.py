@@ -3,7 +3,7 @@
 Not a published method: the pruning CoViPAL's PPM is trained to imitate (Tang et al.,
 2025, https://arxiv.org/abs/2508.17243, stage 1). For each prompt the target of vision
 token ``k`` is the attention the query tokens pay it at decoder layer ``guide_layer``,
-summed over heads (:mod:`covipal.training.targets`); the oracle keeps the top
+summed over heads (:mod:`covipal.pruning.guide`); the oracle keeps the top
 ``ceil(r n_v)`` of exactly these targets, before the LLM. It reads the full sequence, so
 it costs an extra forward of the vision tower and of the LLM's first ``guide_layer + 1``
 layers (the targets hook stops there and recomputes only the needed attention rows; the
@@ -36,7 +36,7 @@ class OraclePruner(Pruner):
     guide_layer : int
         0-based decoder layer whose attention is read (as ``targets.guide_layer``).
     queries : {"after_image", "last", "all"}
-        Query tokens whose attention is averaged (:func:`covipal.training.targets.query_rows`).
+        Query tokens whose attention is averaged (:func:`covipal.pruning.guide.query_rows`).
     """
 
     guide_layer: int = 2
@@ -44,7 +44,7 @@ class OraclePruner(Pruner):
 
     def __post_init__(self):
         super().__post_init__()
-        from covipal.training.targets import QUERIES
+        from covipal.pruning.guide import QUERIES
 
         if self.queries not in QUERIES:
             raise ValueError(f"queries must be one of {QUERIES}, got {self.queries!r}")
@@ -67,7 +67,7 @@ class OraclePruner(Pruner):
 
     def score(self, ctx: PruningContext) -> torch.Tensor:
         """Shape (B, n_v): the guide-layer targets of this prompt, recomputed on the full sequence."""
-        from covipal.training.targets import guide_targets
+        from covipal.pruning.guide import guide_targets
 
         got = guide_targets(self._base, self._inputs, self.guide_layer, self.queries)
         if not torch.equal(got.context.vision_index, ctx.vision_index):

@@ -108,7 +108,7 @@ class SparseVLMPruner(LayerPruner):
 
     def score_at(self, ctx: LayerContext) -> torch.Tensor:
         """Attention of the raters to each vision token at the pruning layer, averaged over heads and raters."""
-        from covipal.training.targets import query_rows
+        from covipal.pruning.guide import query_rows
 
         question = query_rows(ctx.prompt_real, ctx.prompt_vision, "after_image") & ~ctx.prompt_vision
         per_sample = [raters(ctx.embeds[b], ctx.prompt_vision[b].nonzero().squeeze(1), question[b].nonzero().squeeze(1))

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from covipal.config import BaseTraining, DataConfig
 from covipal.reference.processor import ReferenceProcessor
-from covipal.training.targets import rows_attention
+from covipal.pruning.guide import rows_attention
 from covipal.world.scenes import COLOURS, DIGITS, empty_frame, fill, scan_pools
 from covipal.world.render import render_frame
 
@@ -239,7 +239,7 @@ class AttentionRows:
 
     Set ``rows`` (B, n_q) before a forward; read ``probs`` (B, H, n_q, L) after it. The layer
     itself still runs its own (SDPA) attention; the rows are recomputed by
-    :func:`covipal.training.targets.rows_attention`.
+    :func:`covipal.pruning.guide.rows_attention`.
     """
 
     def __init__(self, model, layer: int):
