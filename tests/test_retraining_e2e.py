@@ -27,7 +27,7 @@ from test_operations_e2e import BIN, Services, artifact, free_port, get, parse, 
 
 from covipal.io import content_hash
 from covipal.world.incoming import MANIFEST
-from test_pipeline_e2e import make_project, sh
+from test_pipeline_e2e import make_project, registry_tags, sh
 
 
 def drop(proj: Path, rows: int) -> None:
@@ -41,15 +41,6 @@ def data_version(proj: Path) -> str | None:
         return json.loads((proj / "sources" / "data.json").read_text())["version"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         return None
-
-
-def registered_tags(proj: Path, version: int) -> dict:
-    code = ("import json; from mlflow import MlflowClient; "
-            f"print(json.dumps(MlflowClient('sqlite:///{proj}/mlflow.db').get_model_version('covipal-ppm', "
-            f"'{version}').tags))")
-    out = sh(proj, sys.executable, "-c", code)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.timeout(1200)
@@ -104,7 +95,7 @@ def test_new_data_retrains_nothing_new_does_not_and_a_bad_drop_stops_at_prepare(
         data_v2 = json.loads((proj / "sources" / "data.json").read_text())["version"]
         assert data_v2 != data_v1 and json.loads((proj / "metrics" / "prepare.json").read_text())["train"]["rows"] == 64
         assert json.loads((proj / "metrics" / "register.json").read_text())["version"] == 2
-        assert registered_tags(proj, 2)["data_version"] != registered_tags(proj, 1)["data_version"]
+        assert registry_tags(proj, "2")["data_version"] != registry_tags(proj, "1")["data_version"]
         log = adhoc.stdout + adhoc.stderr
         assert adhoc.returncode == 0, log[-4000:]
         assert "waiting for the workspace" in log and "nothing new" in log, log[-4000:]
